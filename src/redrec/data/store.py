@@ -225,6 +225,12 @@ class EventStore:
         )
 
 
+def check_output(out: str | Path, overwrite: bool) -> None:
+    """Fail fast (before any reading) when ``out`` exists and may not be replaced."""
+    if Path(out).exists() and not overwrite:
+        raise DataError(out, None, "output already exists", hint="pass --overwrite to replace it")
+
+
 class EventStoreWriter:
     """Streams users' events and an item table into a new store, atomically.
 
@@ -266,8 +272,7 @@ class EventStoreWriter:
         chunk_events: int = 4_000_000,
     ):
         self.out = Path(out)
-        if self.out.exists() and not overwrite:
-            raise DataError(self.out, None, "output already exists", hint="pass --overwrite to replace it")
+        check_output(self.out, overwrite)
         if time_unit not in TIME_UNITS:
             raise ValueError(f"time_unit must be one of {TIME_UNITS}, got {time_unit!r}")
         if len(actions) > MAX_ACTIONS:
