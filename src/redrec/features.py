@@ -40,7 +40,7 @@ class FeatureConfig:
     def validate(self, source: str | None = None) -> None:
         try:
             _zone(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a zoneinfo directory such as 'America'
             raise ConfigError(source, "timezone", f"unknown time zone {self.timezone!r}") from None
         if self.n_gap_buckets < 2:
             raise ConfigError(source, "n_gap_buckets", f"must be >= 2, got {self.n_gap_buckets}")
@@ -51,19 +51,30 @@ def _zone(name: str) -> ZoneInfo | None:
     return None if name.upper() == "UTC" else ZoneInfo(name)
 
 
+def _utc_offset(t: int, zone: ZoneInfo) -> int:
+    """UTC offset in seconds of zone ``zone`` at unix second ``t``."""
+    off = datetime.fromtimestamp(t, tz=timezone.utc).astimezone(zone).utcoffset()
+    return int(off.total_seconds()) if off is not None else 0
+
+
 def hour_of_day(timestamp: np.ndarray, tz: str = "UTC") -> np.ndarray:
     """int64 hour in [0, 24) of unix-second timestamps in zone ``tz`` (DST-aware for IANA zones)."""
     ts = np.asarray(timestamp, dtype=np.int64)
     zone = _zone(tz)
     if zone is None:
         return (ts // 3600) % 24
-    hours = ts // 3600  # the UTC offset is constant within an hour for every real zone
-    uniq, inv = np.unique(hours, return_inverse=True)
-    offs = np.array(
-        [datetime.fromtimestamp(int(h) * 3600, tz=timezone.utc).astimezone(zone).utcoffset().total_seconds() for h in uniq],
-        dtype=np.int64,
-    )
-    return ((ts + offs[inv]) // 3600) % 24
+    flat = ts.ravel()
+    # One zone lookup per distinct UTC hour.  The offset is usually constant within a UTC hour, but not
+    # always: zones with half-hour offsets switch DST at half past a UTC hour (Australia/Adelaide: 16:30 UTC).
+    # Hours whose offset differs between their first and last second are resolved per timestamp.
+    uniq, inv = np.unique(flat // 3600, return_inverse=True)
+    inv = inv.ravel()
+    start = np.array([_utc_offset(int(h) * 3600, zone) for h in uniq], dtype=np.int64)
+    end = np.array([_utc_offset(int(h) * 3600 + 3599, zone) for h in uniq], dtype=np.int64)
+    offs = start[inv]
+    for i in np.flatnonzero((start != end)[inv]):
+        offs[i] = _utc_offset(int(flat[i]), zone)
+    return (((flat + offs) // 3600) % 24).reshape(ts.shape)
 
 
 def gap_bucket(gap: np.ndarray, n_buckets: int = 32) -> np.ndarray:
@@ -71,15 +82,21 @@ def gap_bucket(gap: np.ndarray, n_buckets: int = 32) -> np.ndarray:
     g = np.asarray(gap, dtype=np.int64)
     out = np.zeros(g.shape, dtype=np.int64)
     pos = g > 0
-    # floor(log2(g)) exactly for int64 via bit length (float log2 misrounds near powers of two)
     out[pos] = np.minimum(1 + _floor_log2(g[pos]), n_buckets - 1)
     return out
 
 
 def _floor_log2(x: np.ndarray) -> np.ndarray:
-    r = np.floor(np.log2(x.astype(np.float64))).astype(np.int64)
-    r -= (np.left_shift(np.int64(1), r) > x).astype(np.int64)  # fix float rounding up
-    r += (np.left_shift(np.int64(1), r + 1) <= x).astype(np.int64)  # fix float rounding down
+    """Exact ``floor(log2(x))`` of positive int64 values (``int.bit_length() - 1``), by binary search on shifts.
+
+    Float ``log2`` misrounds near powers of two, and above 2**62 its correction overflowed the int64 shift.
+    """
+    x = np.array(x, dtype=np.int64, copy=True)
+    r = np.zeros(x.shape, dtype=np.int64)
+    for s in (32, 16, 8, 4, 2, 1):
+        big = (x >> s) > 0
+        r[big] += s
+        x[big] >>= s
     return r
 
 

@@ -45,7 +45,7 @@ class MixingConfig:
         quotas: per-scenario quotas ``{scenario name: n_s}`` (reference: ``{homefeed: 96, ads: 32}``).
             Scenarios not named get 0 (they are left out of the input: the single-scenario ablation).
         fill_unused: when a scenario has fewer events than its quota, give the unused slots to the most recent
-            remaining events of any scenario (the total stays <= sum of quotas).  Off by default, as in the paper.
+            remaining events of the scenarios that have a quota (the total stays <= sum of quotas).  Off by default, as in the paper.
     """
 
     policy: Policy = "2d"
