@@ -4,8 +4,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import no_temp_leftovers
+
 from redrec.data.events import EventsImportConfig, import_events
 from redrec.data.store import EventStore
 from redrec.errors import DataError

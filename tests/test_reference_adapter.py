@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from conftest import no_temp_leftovers
+
 from redrec.data.reference import import_reference_json
 from redrec.errors import DataError
 

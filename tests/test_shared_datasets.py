@@ -1,8 +1,8 @@
 """Imports of the real public datasets in ../shared/datasets (skipped with a reason when absent)."""
 
 import pytest
-
 from conftest import shared_dataset
+
 from redrec.data.events import import_events
 from redrec.data.stats import store_stats
 

@@ -2,8 +2,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import no_temp_leftovers
+
 from redrec.data.store import EventStore, EventStoreWriter
 from redrec.errors import DataError
 

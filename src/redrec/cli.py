@@ -9,8 +9,9 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, TypeVar
 
 import typer
 
@@ -64,11 +65,11 @@ def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
 @_clean_errors
 def data_synth(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for the RED-MMU-shaped parquet files."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML SynthConfig."),
-    users: Optional[int] = typer.Option(None, help="Number of users (overrides the config)."),
-    items: Optional[int] = typer.Option(None, help="Number of items (overrides the config)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed (overrides the config)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override any config field: key=value."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML SynthConfig."),
+    users: int | None = typer.Option(None, help="Number of users (overrides the config)."),
+    items: int | None = typer.Option(None, help="Number of items (overrides the config)."),
+    seed: int | None = typer.Option(None, help="Random seed (overrides the config)."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override any config field: key=value."),
 ) -> None:
     """Write a synthetic RED-MMU-shaped dataset (homefeed, ads, search) with shared latent interests."""
     from redrec.config import from_dict, load_yaml, to_dict
@@ -163,6 +164,96 @@ def data_stats(
 
     st = store_stats(EventStore(store))
     typer.echo(json.dumps(st, indent=2) if as_json else format_stats(st))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# eval
+# --------------------------------------------------------------------------------------------------------------
+@app.command("eval")
+@_clean_errors
+def eval_cmd(
+    store: Path | None = typer.Option(None, "--store", "-s", help="Event store directory."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML EvalConfig (store, protocol, mixing, models)."),
+    protocol: str | None = typer.Option(None, "--protocol", "-p", help="redrec, loo or reference."),
+    model: list[str] | None = typer.Option(None, "--model", "-m", help="popularity, meanpool or auto (repeatable)."),
+    target_scenario: str | None = typer.Option(None, help="redrec protocol: the target scenario (default ads)."),
+    pool: str | None = typer.Option(None, help="full or sampled candidate pool."),
+    n_sampled: int | None = typer.Option(None, help="Sampled pool size (besides the targets)."),
+    max_users: int | None = typer.Option(None, help="Evaluate a seeded random subset of users."),
+    seed: int | None = typer.Option(None, help="Seed of cutoffs, user subsets and sampled pools."),
+    policy: str | None = typer.Option(None, help="Mixing policy for history-based models (2d, timestamp, naive, 1d_position, 1d_timestamp)."),
+    last_n: int | None = typer.Option(None, help="Sequence budget of the mixing policy."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override any config field: key=value (dotted keys)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the results as JSON here."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Evaluate models on an event store under a named protocol and print a metrics table."""
+    from redrec.config import from_dict, load_yaml, set_dotted, to_dict
+    from redrec.eval.report import format_table, write_json
+    from redrec.eval.run import EvalConfig, run_eval
+
+    ov = _parse_overrides(set_)
+    for key, val in (
+        ("store", str(store) if store else None), ("protocol.name", protocol), ("protocol.target_scenario", target_scenario),
+        ("protocol.pool", pool), ("protocol.n_sampled", n_sampled), ("protocol.max_users", max_users),
+        ("protocol.seed", seed), ("mixing.policy", policy), ("mixing.last_n", last_n), ("models", list(model) if model else None),
+    ):
+        if val is not None:
+            ov[key] = val
+    if config:
+        cfg = load_yaml(EvalConfig, config, ov)
+    else:
+        data = to_dict(EvalConfig())
+        for k, v in ov.items():
+            set_dotted(data, k, v)
+        cfg = from_dict(EvalConfig, data, source="command line")
+    results = run_eval(cfg, progress=progress)
+    typer.echo(format_table(results, style="plain"))
+    if out:
+        write_json(out, results)
+        typer.echo(f"wrote {out}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------------------------------
+@app.command("demo")
+@_clean_errors
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Working directory (data, store, results)."),
+    users: int = typer.Option(2000, help="Synthetic users."),
+    items: int = typer.Option(8000, help="Synthetic items."),
+    seed: int = typer.Option(0, help="Seed of the data and of the protocol's cutoffs."),
+    progress: bool = typer.Option(False, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """End to end on the embedded synthetic default: synthesise, import, print stats, evaluate baselines."""
+    import time
+
+    from redrec.config import from_dict, to_dict
+    from redrec.data.redmmu import import_redmmu
+    from redrec.data.stats import format_stats, store_stats
+    from redrec.data.synth import SynthConfig, write_synthetic
+    from redrec.eval.protocols import ProtocolConfig
+    from redrec.eval.report import format_table, write_json
+    from redrec.eval.run import EvalConfig, run_eval
+
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    scfg = from_dict(SynthConfig, {**to_dict(SynthConfig()), "n_users": users, "n_items": items, "seed": seed})
+    typer.echo(f"[1/3] synthesising RED-MMU-shaped data: {users:,} users, {items:,} items -> {out / 'redmmu'}")
+    write_synthetic(out / "redmmu", scfg)
+    typer.echo(f"[2/3] importing into an event store -> {out / 'store'}")
+    store = import_redmmu(out / "redmmu", out / "store", overwrite=True, progress=progress)
+    typer.echo(format_stats(store_stats(store)))
+    typer.echo("[3/3] evaluating zero-parameter baselines (full item pool, exact ranks)")
+    all_results = []
+    for proto in (ProtocolConfig(name="redrec", target_scenario="ads", seed=seed), ProtocolConfig(name="loo")):
+        results = run_eval(EvalConfig(store=str(out / "store"), protocol=proto, models=["auto"]), progress=progress)
+        typer.echo("")
+        typer.echo(format_table(results, style="plain"))
+        all_results += results
+    write_json(out / "results.json", all_results)
+    typer.echo(f"\nresults: {out / 'results.json'}   ({time.perf_counter() - t0:.0f} s)")
 
 
 def main() -> None:

@@ -119,11 +119,11 @@ def load_yaml(cls: type[T], path: str | Path, overrides: dict[str, Any] | None =
     except yaml.YAMLError as e:
         raise ConfigError(path, "<file>", f"not valid YAML: {e}") from None
     for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     return from_dict(cls, data, source=path)
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     cur = data
     for p in parts[:-1]:
