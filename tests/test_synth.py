@@ -96,6 +96,27 @@ def test_schema(data):
     assert set(_field(lastn, "homefeed_list", "type")) == {"normal", "video"}
 
 
+def test_features_carry_topic_popularity_and_ads(data):
+    """note_feature: near its topic's centroid, linearly predictive of popularity and of ads-ness, unique per note."""
+    cfg, notes, items = data["cfg"], data["notes"], data["items"]
+    feats = np.asarray(notes.column("note_feature").combine_chunks().flatten()).reshape(-1, cfg.dim)
+    row = np.empty(cfg.n_items, np.int64)  # note_idx -> row of the notes file
+    row[notes.column("note_idx").to_numpy()] = np.arange(cfg.n_items)
+    f = feats[row[items.column("note_idx").to_numpy()]]  # aligned with the truth table
+    topic = items.column("topic").to_numpy()
+    cent = np.stack([f[topic == t].mean(0) for t in range(cfg.n_topics)])
+    assert (np.argmax(f @ cent.T, axis=1) == topic).mean() > 0.9
+    assert len(np.unique(f.round(5), axis=0)) == cfg.n_items
+
+    def r2(y):
+        x = np.column_stack([f, np.ones(len(f))])
+        resid = y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
+        return 1 - resid.var() / y.var()
+
+    assert r2(np.log(items.column("popularity").to_numpy())) > 0.3  # ~0.01 with feature_popularity=0
+    assert r2(items.column("is_ads").to_numpy().astype(float)) > 0.06  # ~0.007 with feature_ads=0
+
+
 def test_counts_lengths_imbalance(data):
     cfg, lastn, summary = data["cfg"], data["lastn"], data["summary"]
     lens = {s: pc.list_value_length(lastn.column(f"{s}_list")).to_numpy() for s in SCEN}
@@ -233,11 +254,14 @@ def test_drift_recent_more_predictive(tmp_path):
 
 
 def test_scenario_subset_and_no_truth(tmp_path):
+    write_synthetic(tmp_path, SynthConfig(n_users=20, n_items=100, n_topics=4, homefeed_mean_len=5))
+    assert (tmp_path / "truth" / "items.parquet").exists()
     s = write_synthetic(tmp_path, SynthConfig(n_users=50, n_items=200, n_topics=4, homefeed_mean_len=20,
                                               scenarios=["homefeed", "ads"], write_truth=False))
     schema = pq.read_schema(tmp_path / "multiscene_lastn.parquet")
     assert [n for n in schema.names if n.endswith("_list")] == ["homefeed_list", "ads_list"]
-    assert set(s["events"]) == {"homefeed", "ads"} and not (tmp_path / "truth").exists()
+    assert set(s["events"]) == {"homefeed", "ads"} and not list((tmp_path / "truth").iterdir())  # stale truth removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multiscene_lastn.parquet", "note_embeddings.parquet", "truth"]
     assert "truth_items" not in s["paths"]
 
 

@@ -215,6 +215,38 @@ def eval_cmd(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------------------------
+@app.command("train")
+@_clean_errors
+def train_cmd(
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML TrainConfig (see configs/)."),
+    store: str | None = typer.Option(None, "--store", "-s", help="Event store (overrides the config)."),
+    out: str | None = typer.Option(None, "--out", "-o", help="Run directory (overrides the config)."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override any config field: key=value (dotted keys)."),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Start over even if the run directory has a checkpoint."),
+) -> None:
+    """Train RED-Rec (one process, or data parallel under torchrun) and evaluate it on the test split."""
+    from redrec.eval.report import format_table
+    from redrec.train import load_train_config, train
+
+    ov = _parse_overrides(set_)
+    if store:
+        ov["store"] = store
+    if out:
+        ov["out"] = out
+    if no_resume:
+        ov["resume"] = False
+    cfg = load_train_config(config, ov)
+    summary = train(cfg)
+    if "test_result" in summary:
+        typer.echo(format_table([summary["test_result"]], style="plain"))
+    if "valid" in summary:
+        typer.echo(f"valid ({cfg.protocol.name}): " + ", ".join(f"{k} {v:.4f}" for k, v in summary["valid"].items() if k in ("hr@10", "ndcg@10", "mrr")))
+    typer.echo(f"{summary['steps']} steps in {summary['train_seconds']:.0f} s; model, checkpoint and logs in {cfg.out}")
+
+
+# --------------------------------------------------------------------------------------------------------------
 # demo
 # --------------------------------------------------------------------------------------------------------------
 @app.command("demo")

@@ -14,15 +14,19 @@ Topics.
     ``pi_t``.
 Items (notes).
     Item ``i`` has a topic ``z_i ~ pi`` (every topic gets at least one item), a log-normal popularity ``q_i``, a
-    type (``video`` with probability ``video_fraction``, else ``normal``) and a feature
-    ``note_feature_i = normalise(c_{z_i} + feature_noise * g_i)`` with ``g_i ~ N(0, I/d)``: features carry the topic
-    but not the identity (nor the popularity) of an item.  ``note_idx`` is a random permutation of
-    ``0..n_items-1`` (so joining by ``note_idx`` is not the same as joining by row), ``encrypted_note_id`` a random
-    hex string.  A random ``ads_item_fraction`` of the items are ads notes; ads events only ever show those.
+    type (``video`` with probability ``video_fraction``, else ``normal``); a random ``ads_item_fraction`` of the
+    items are ads notes (ads events only ever show those).  The feature is
+    ``note_feature_i = normalise(c_{z_i} + feature_noise * g_i + feature_popularity * log(q_i) / popularity_sigma * e_q
+    + feature_ads * [i is ads] * e_a)`` with ``g_i ~ N(0, I/d)`` and fixed random unit directions ``e_q`` ("quality")
+    and ``e_a`` ("commercial content"): features carry the topic, some of the popularity and some of the ads-ness
+    of a note (as content embeddings do), but not its identity, so a features-only item tower can beat a popularity
+    baseline without memorising ids.  ``note_idx`` is a random permutation of ``0..n_items-1`` (so joining by
+    ``note_idx`` is not the same as joining by row), ``encrypted_note_id`` a random hex string.
 Users.
     Each user has ``1..max_interests`` interest topics (drawn without replacement by topic popularity) plus one
     *emerging* topic.  Interest weights interpolate over the data span from ``w_start`` (emerging weight 0) to
-    ``w_end = (1 - drift) * w_start + drift * w_fresh`` (emerging topic included): at normalised time
+    ``w_end = (1 - drift) * w_start + drift * w_fresh``, where ``w_fresh`` keeps each start interest with
+    probability 1/2 (turnover) and gives the emerging topic a large weight: at normalised time
     ``tau in [0, 1]`` the mixture is ``w(tau) = (1 - tau) w_start + tau w_end``.  The same mixture drives every
     scenario.  An activity level shared by the scenarios scales the per-scenario history lengths, which are
     log-normal (``length_sigma``; homefeed >> ads > search, heavy users have thousands of homefeed events when
@@ -156,6 +160,9 @@ class SynthConfig:
         popularity_alpha: exponent on item popularity when drawing an item within a topic (0 = uniform).
         feature_noise: item noise relative to the topic centroid in ``note_feature`` (cosine to the centroid is
             about ``1 / sqrt(1 + feature_noise**2)``).
+        feature_popularity: weight of standardised log-popularity along a shared "quality" direction of the
+            features (0: features say nothing about popularity).
+        feature_ads: weight of a shared "commercial" direction added to the features of ads notes.
         video_fraction: share of notes of type ``video``.
         start_time: unix seconds of the start of the span (default 2024-01-01 UTC).
         span_days: length of the span in days.
@@ -184,6 +191,8 @@ class SynthConfig:
     popularity_sigma: float = 1.2
     popularity_alpha: float = 1.0
     feature_noise: float = 0.8
+    feature_popularity: float = 0.3
+    feature_ads: float = 0.3
     video_fraction: float = 0.3
     start_time: int = 1_704_067_200
     span_days: float = 60.0
@@ -221,7 +230,8 @@ class SynthConfig:
         for name in ("drift", "explore", "ads_in_feed", "video_fraction", "activity_correlation"):
             if not 0 <= getattr(self, name) <= 1:
                 raise bad(name, "must be in [0, 1]")
-        for name in ("length_sigma", "popularity_sigma", "popularity_alpha", "feature_noise"):
+        for name in ("length_sigma", "popularity_sigma", "popularity_alpha", "feature_noise", "feature_popularity",
+                     "feature_ads"):
             if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "must be a finite number >= 0")
         if not self.span_days > 0:
@@ -319,10 +329,16 @@ def _make_world(cfg: SynthConfig) -> tuple[_World, pa.StringArray, np.ndarray]:
     note_idx = rng.permutation(N).astype(np.int64)
     ids = _hex_ids(rng, N)
     feats = np.empty((N, d), dtype=np.float32)
+    quality, commercial = rng.standard_normal((2, d))
+    quality /= np.linalg.norm(quality)
+    commercial /= np.linalg.norm(commercial)
+    z_pop = np.log(item_pop) / max(cfg.popularity_sigma, 1e-6)  # standardised log-popularity
     step = 200_000
     for a in range(0, N, step):  # bounded memory for very large item counts
         b = min(N, a + step)
         f = centroids[item_topic[a:b]] + cfg.feature_noise * rng.standard_normal((b - a, d)) / np.sqrt(d)
+        f += cfg.feature_popularity * z_pop[a:b, None] * quality[None, :]
+        f += cfg.feature_ads * is_ads[a:b, None] * commercial[None, :]
         feats[a:b] = f / np.linalg.norm(f, axis=1, keepdims=True)
     weight = item_pop**cfg.popularity_alpha
     samplers = {
