@@ -252,40 +252,50 @@ def train_cmd(
 @app.command("demo")
 @_clean_errors
 def demo(
-    out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Working directory (data, store, results)."),
+    out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Working directory (data, store, run, results)."),
     users: int = typer.Option(2000, help="Synthetic users."),
     items: int = typer.Option(8000, help="Synthetic items."),
-    seed: int = typer.Option(0, help="Seed of the data and of the protocol's cutoffs."),
-    progress: bool = typer.Option(False, "--progress/--no-progress", help="Show progress bars."),
+    epochs: int = typer.Option(6, help="Training epochs of RED-Rec (0 = baselines only)."),
+    seed: int = typer.Option(0, help="Seed of the data, the split and the training."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """End to end on the embedded synthetic default: synthesise, import, print stats, evaluate baselines."""
+    """End to end on the embedded synthetic default: synthesise, import, train RED-Rec, compare with baselines."""
     import time
 
+    from redrec.baselines import MeanPoolScorer, PopularityScorer
     from redrec.config import from_dict, to_dict
     from redrec.data.redmmu import import_redmmu
     from redrec.data.stats import format_stats, store_stats
     from redrec.data.synth import SynthConfig, write_synthetic
-    from redrec.eval.protocols import ProtocolConfig
+    from redrec.eval.protocols import evaluate
     from redrec.eval.report import format_table, write_json
-    from redrec.eval.run import EvalConfig, run_eval
+    from redrec.train import load_train_config, make_split, train
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     scfg = from_dict(SynthConfig, {**to_dict(SynthConfig()), "n_users": users, "n_items": items, "seed": seed})
-    typer.echo(f"[1/3] synthesising RED-MMU-shaped data: {users:,} users, {items:,} items -> {out / 'redmmu'}")
+    typer.echo(f"[1/4] synthesising RED-MMU-shaped data: {users:,} users, {items:,} items -> {out / 'redmmu'}")
     write_synthetic(out / "redmmu", scfg)
-    typer.echo(f"[2/3] importing into an event store -> {out / 'store'}")
+    typer.echo(f"[2/4] importing into an event store -> {out / 'store'}")
     store = import_redmmu(out / "redmmu", out / "store", overwrite=True, progress=progress)
     typer.echo(format_stats(store_stats(store)))
-    typer.echo("[3/3] evaluating zero-parameter baselines (full item pool, exact ranks)")
-    all_results = []
-    for proto in (ProtocolConfig(name="redrec", target_scenario="ads", seed=seed), ProtocolConfig(name="loo")):
-        results = run_eval(EvalConfig(store=str(out / "store"), protocol=proto, models=["auto"]), progress=progress)
-        typer.echo("")
-        typer.echo(format_table(results, style="plain"))
-        all_results += results
-    write_json(out / "results.json", all_results)
-    typer.echo(f"\nresults: {out / 'results.json'}   ({time.perf_counter() - t0:.0f} s)")
+    cfg = load_train_config(None, {
+        "store": str(out / "store"), "out": str(out / "run"), "seed": seed, "epochs": max(1, epochs),
+        "protocol.name": "redrec", "protocol.target_scenario": "ads", "protocol.seed": seed,
+        "n_valid_users": min(200, users // 10), "resume": False, "progress": progress, "test_at_end": epochs > 0,
+    })
+    split = make_split(store, cfg.protocol, cfg.n_valid_users, cfg.seed)
+    typer.echo(f"[3/4] baselines on the {len(split.test):,} test users (protocol redrec, target scenario ads)")
+    results = [evaluate(store, split.test, s, cfg.protocol, progress=False, keep_per_user=False)
+               for s in (PopularityScorer(), MeanPoolScorer(cfg.mixing))]
+    if epochs > 0:
+        typer.echo(f"[4/4] training RED-Rec ({epochs} epochs) -> {out / 'run'}")
+        summary = train(cfg)
+        results.append(summary["test_result"])
+    typer.echo("")
+    typer.echo(format_table(results, style="plain"))
+    write_json(out / "results.json", results)
+    typer.echo(f"\nresults: {out / 'results.json'}   total {time.perf_counter() - t0:.0f} s")
 
 
 def main() -> None:

@@ -1,0 +1,203 @@
+"""RED-Rec: the two-tower model (paper section 4.2, appendix E).
+
+    item tower   E_item(i)                      -> hidden h_i  [H]
+    event input  x_j = h_{i_j} + A(actions_j) + E_hour(hour_j) + E_scen(s_j) + PE_seq(j) + PE_gap(gap_j)
+    user tower   decoder LLM over [x_1 .. x_L, q_1 .. q_K]     (causal over the history; queries see it all)
+    head         shared ProjectionHead H -> d, then L2 normalisation
+    outputs      seq   [B, L, d]  causal user state after each event (next-item NCE, eq. 6)
+                 interests [B, K, d]  one vector per query (K = queries_per_scenario x n_scenarios;
+                                      window multi-interest loss, eq. A5/A6; retrieval = max over them)
+                 item vectors [N, d]  E_item through the same head
+
+A batch is a dict of tensors built by :mod:`redrec.data.batching` (the same code for training, evaluation and
+serving): ``item [B,L]``, ``item_feat [B,L,F]`` (features tower), ``scenario``, ``actions [B,L,A]``,
+``hour``, ``gap``, ``position``, ``mask [B,L]`` (True = real event; right padding).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from redrec.config import from_dict, save_yaml, to_dict
+from redrec.errors import DataError
+from redrec.features import UNKNOWN_HOUR
+from redrec.model.config import ModelConfig
+from redrec.model.item_towers import ProjectionHead, build_item_tower, l2norm
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    """The HF decoder of the user tower: built from a config, or loaded offline from a local path."""
+    from transformers import AutoModel, LlamaConfig, Qwen2Config
+
+    u = cfg.user_tower
+    if u.pretrained_path:
+        path = Path(u.pretrained_path)
+        if not path.exists():
+            raise DataError(path, "user_tower.pretrained_path", "no such directory (pretrained models load from a local path)")
+        model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation=u.attn_implementation)
+    else:
+        common = dict(
+            vocab_size=2,  # unused: the tower runs on inputs_embeds
+            hidden_size=u.hidden_size,
+            intermediate_size=u.intermediate_size,
+            num_hidden_layers=u.num_layers,
+            num_attention_heads=u.num_heads,
+            num_key_value_heads=u.num_kv_heads,
+            max_position_embeddings=max(4096, u.max_positions + 64),
+            attention_dropout=u.attention_dropout,
+        )
+        hf_cfg = Qwen2Config(**common) if u.backbone == "qwen2" else LlamaConfig(**common)
+        hf_cfg._attn_implementation = u.attn_implementation
+        model = AutoModel.from_config(hf_cfg)
+    # the token embedding is never used (inputs_embeds); freezing it keeps DDP from waiting for its gradient
+    model.get_input_embeddings().weight.requires_grad_(False)
+    if u.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+class RedRec(nn.Module):
+    """The RED-Rec two-tower model.  See the module docstring for the data flow."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        u = cfg.user_tower
+        self.backbone = build_backbone(cfg)
+        H = int(self.backbone.config.hidden_size)
+        self.hidden_size = H
+        self.item_tower = build_item_tower(cfg.item_tower, H)
+        n_scen = max(1, len(cfg.scenarios))
+        self.action_emb = nn.Linear(max(1, cfg.n_actions), H, bias=False)  # multi-hot @ W = sum of flag embeddings
+        self.hour_emb = nn.Embedding(UNKNOWN_HOUR + 1, H)
+        self.scenario_emb = nn.Embedding(n_scen, H)
+        self.pos_emb = nn.Embedding(u.max_positions, H)
+        self.gap_emb = nn.Embedding(u.n_gap_buckets, H)
+        self.queries = nn.Embedding(cfg.n_queries, H)
+        # scenario group of each query: [0,0,0,1,1,1,...]
+        self.register_buffer(
+            "query_group", torch.arange(n_scen).repeat_interleave(u.queries_per_scenario), persistent=False
+        )
+        self.head = ProjectionHead(H, cfg.embed_dim, cfg.head_dropout)
+        for emb in (self.hour_emb, self.scenario_emb, self.pos_emb, self.gap_emb, self.queries):
+            nn.init.normal_(emb.weight, std=0.02)
+        nn.init.normal_(self.action_emb.weight, std=0.02)
+
+    # -- item side ---------------------------------------------------------------------------------------------
+    def item_hidden(self, ids: Tensor, features: Tensor | None = None) -> Tensor:
+        """``[...]`` ids (+ ``[..., F]`` features) -> ``[..., H]``."""
+        return self.item_tower(ids, features)
+
+    def item_vectors(self, ids: Tensor, features: Tensor | None = None) -> Tensor:
+        """Unit retrieval vectors of items: ``[...] -> [..., d]``."""
+        return l2norm(self.head(self.item_hidden(ids, features)))
+
+    # -- user side ---------------------------------------------------------------------------------------------
+    def event_inputs(self, batch: dict[str, Tensor], item_h: Tensor | None = None) -> Tensor:
+        """Sum of the event addends, ``[B, L, H]`` (each switchable in :class:`UserTowerConfig`)."""
+        u = self.cfg.user_tower
+        if item_h is None:
+            item_h = self.item_hidden(batch["item"], batch.get("item_feat"))
+        x = item_h if u.use_item else torch.zeros_like(item_h)
+        if u.use_actions and self.cfg.n_actions:
+            x = x + self.action_emb(batch["actions"].to(x.dtype))
+        if u.use_hour:
+            x = x + self.hour_emb(batch["hour"])
+        if u.use_scenario:
+            x = x + self.scenario_emb(batch["scenario"])
+        if u.use_position:
+            x = x + self.pos_emb(batch["position"].clamp(max=u.max_positions - 1))
+        if u.use_time_gap:
+            x = x + self.gap_emb(batch["gap"].clamp(max=u.n_gap_buckets - 1))
+        return x
+
+    def attention_mask(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
+        """Additive float mask ``[B, 1, L+K, L+K]`` (0 = may attend, dtype-min = may not).
+
+        History rows attend causally to real history events; query rows attend to every real history event and to
+        themselves (and to the other queries when ``queries_see_each_other``); padding rows attend to themselves
+        only (no all-masked row, so no NaN).  HF eager attention ignores boolean 4-D masks: this one is float.
+        """
+        B, L = mask.shape
+        K = self.cfg.n_queries
+        T = L + K
+        dev = mask.device
+        allow = torch.zeros(B, T, T, dtype=torch.bool, device=dev)
+        causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+        allow[:, :L, :L] = causal[None] & mask[:, None, :] & mask[:, :, None]
+        allow[:, L:, :L] = mask[:, None, :]
+        if self.cfg.user_tower.queries_see_each_other:
+            allow[:, L:, L:] = True
+        eye = torch.eye(T, dtype=torch.bool, device=dev)
+        allow |= eye[None]
+        out = torch.zeros(B, 1, T, T, dtype=dtype, device=dev)
+        out.masked_fill_(~allow[:, None], torch.finfo(dtype).min)
+        return out
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Run the user tower.
+
+        Returns:
+            ``seq`` [B, L, d] unit causal states (row t has seen events 0..t), ``interests`` [B, K, d] unit
+            interest vectors, ``item_h`` [B, L, H] the history items' hidden vectors (reusable by losses).
+        """
+        mask = batch["mask"]
+        B, L = mask.shape
+        K = self.cfg.n_queries
+        item_h = self.item_hidden(batch["item"], batch.get("item_feat"))
+        x = self.event_inputs(batch, item_h)
+        q = self.queries.weight[None].expand(B, K, -1)
+        if self.cfg.user_tower.use_scenario:
+            q = q + self.scenario_emb(self.query_group)[None]
+        h = torch.cat([x, q.to(x.dtype)], dim=1)
+        lengths = mask.sum(1)
+        # RoPE positions: history 0..L-1, every query at the position right after the user's last event
+        pos = torch.cat([torch.arange(L, device=mask.device)[None].expand(B, L), lengths[:, None].expand(B, K)], 1)
+        attn = self.attention_mask(mask, h.dtype)
+        out = self.backbone(inputs_embeds=h, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
+        z = l2norm(self.head(out))
+        return {"seq": z[:, :L], "interests": z[:, L:], "item_h": item_h}
+
+    # -- save / load -------------------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        """``model.safetensors`` + ``config.yaml`` in ``path`` (written to temp files, then renamed)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = path / ".model.safetensors.tmp"
+        save_file(state, str(tmp))
+        tmp.replace(path / "model.safetensors")
+        save_yaml(self.cfg, path / ".config.yaml.tmp")
+        (path / ".config.yaml.tmp").replace(path / "config.yaml")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str = "cpu") -> RedRec:
+        """Load a model saved by :meth:`save_pretrained`; missing or unexpected keys are an error."""
+        import yaml
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        for f in ("config.yaml", "model.safetensors"):
+            if not (path / f).exists():
+                raise DataError(path / f, None, "missing: not a redrec model directory")
+        cfg = from_dict(ModelConfig, yaml.safe_load((path / "config.yaml").read_text()), source=path / "config.yaml")
+        model = cls(cfg)
+        state = load_file(str(path / "model.safetensors"), device=map_location)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise DataError(path / "model.safetensors", None, f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def config_summary(cfg: ModelConfig) -> dict[str, Any]:
+    return to_dict(cfg)

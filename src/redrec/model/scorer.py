@@ -1,0 +1,78 @@
+"""Evaluate a trained model with the shared protocols: a :class:`redrec.eval.protocols.Scorer` over RedRec."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+from redrec.data.batching import collate, item_features, user_sequence
+from redrec.data.store import EventStore
+from redrec.eval.protocols import EvalCase, ProtocolConfig, case_sequence
+from redrec.features import FeatureConfig
+from redrec.mixing import MixingConfig
+from redrec.model.redrec import RedRec
+
+
+@torch.no_grad()
+def all_item_vectors(model: RedRec, store: EventStore, batch: int = 65536, device: str | torch.device = "cpu") -> np.ndarray:
+    """float32 ``[n_items, d]`` unit vectors of every item of the store (chunked)."""
+    model.eval()
+    out = np.empty((store.n_items, model.cfg.embed_dim), np.float32)
+    needs = getattr(model.item_tower, "needs_features", False)
+    for a in range(0, store.n_items, batch):
+        ids = np.arange(a, min(a + batch, store.n_items))
+        feats = torch.from_numpy(item_features(store, ids)).to(device) if needs else None
+        out[a : a + len(ids)] = model.item_vectors(torch.from_numpy(ids).to(device), feats).float().cpu().numpy()
+    return out
+
+
+class ModelScorer:
+    """Scores cases with a RedRec model: user interests ``[B, K, d]`` against all item vectors (max over K).
+
+    Args:
+        model: the model.
+        mixing, features: how inputs are built (the same configs as training).
+        queries: ``all`` (max over every interest) or ``target_scenario`` (the target scenario's queries only;
+            falls back to all when the protocol has no target scenario).
+    """
+
+    name = "red-rec"
+
+    def __init__(
+        self, model: RedRec, mixing: MixingConfig, features: FeatureConfig,
+        queries: Literal["all", "target_scenario"] = "all", device: str | torch.device = "cpu",
+    ):
+        self.model = model
+        self.mixing = mixing
+        self.features = features
+        self.queries = queries
+        self.device = torch.device(device)
+        self.item_vectors: np.ndarray | None = None
+        self._query_index: torch.Tensor | None = None
+
+    def prepare(self, store: EventStore, cases: Sequence[EvalCase], cfg: ProtocolConfig | None = None) -> None:
+        self.item_vectors = all_item_vectors(self.model, store, device=self.device)
+        self._query_index = None
+        if self.queries == "target_scenario" and cfg is not None:
+            scen = cfg.resolved(store).target_scenario
+            if scen is not None:
+                g = store.scenarios.index(scen)
+                self._query_index = torch.nonzero(self.model.query_group.cpu() == g).flatten()
+
+    @torch.no_grad()
+    def score_cases(self, store: EventStore, cases: Sequence[EvalCase]) -> np.ndarray:
+        self.model.eval()
+        seqs = []
+        for c in cases:
+            user = store.user(c.user)
+            seq = case_sequence(user, c, self.mixing, store.scenarios)
+            seqs.append(user_sequence(store, user, seq, int(c.t_now), self.features))
+        needs = getattr(self.model.item_tower, "needs_features", False)
+        batch = {k: v.to(self.device) for k, v in collate(seqs, store, needs).items()}
+        interests = self.model(batch)["interests"]
+        if self._query_index is not None:
+            interests = interests[:, self._query_index.to(interests.device)]
+        return interests.float().cpu().numpy()
