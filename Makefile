@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.redrec-installed
 TORCH  ?= torch==2.13.0
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test lint bench-import clean
+.PHONY: install demo test lint bench-import bench-train clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ lint: $(STAMP)
 
 bench-import: $(STAMP)
 	$(BIN)/python benchmarks/bench_import.py
+
+bench-train: $(STAMP)
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -98,3 +98,17 @@ def test_console_script_synth_import_eval(tmp_path):
     assert "protocol: redrec" in r.stdout and "mean-pool" in r.stdout
     r = subprocess.run(cmd + ["data", "stats", str(tmp_path / "nope")], capture_output=True, text=True)
     assert r.returncode == 2 and "not an event store" in r.stderr
+
+
+def test_demo_end_to_end_tiny(tmp_path):
+    """`redrec demo` wiring: synthesise, import, baselines and RED-Rec on the same test users, one table, JSON."""
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--users", "150", "--items", "600", "--epochs", "1",
+                            "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "protocol: redrec" in r.output
+    for model in ("popularity", "mean-pool", "red-rec"):
+        assert model in r.output
+    res = json.loads((tmp_path / "d" / "results.json").read_text())["results"]
+    assert [x["model"] for x in res] == ["popularity", "mean-pool", "red-rec"]
+    assert len({x["n_users"] for x in res}) == 1  # the same test users for every model
+    assert (tmp_path / "d" / "run" / "model" / "model.safetensors").exists()
