@@ -22,3 +22,46 @@ def shared_dataset(name: str) -> Path:
 def no_temp_leftovers(parent: Path) -> list[str]:
     """Names of temporary/partial outputs an import may have left in ``parent`` (should be empty)."""
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or "spill" in p.name or ".old-" in p.name))
+
+
+# ---- shared by the training tests ------------------------------------------------------------------------------
+TINY_TRAIN = {
+    "model.user_tower.hidden_size": 32, "model.user_tower.num_layers": 1, "model.user_tower.num_heads": 2,
+    "model.user_tower.num_kv_heads": 1, "model.user_tower.intermediate_size": 64,
+    "model.item_tower.mlp_hidden": 32, "mixing.last_n": 32, "data.n_negatives": 64,
+    # a short warm-up, so that the cosine part of the schedule (which depends on the total steps) is used
+    "optim.lr": 1e-2, "optim.warmup_steps": 2,
+    "test_at_end": False, "progress": False, "eval_every": 0, "log_every": 1, "ckpt_every": 0, "num_threads": 1,
+}
+
+
+def tiny_train_config(store: Path, out: Path, **overrides):
+    """A TrainConfig with a tiny model (well under a second per 10 steps on one thread); dotted override keys."""
+    from redrec.config import from_dict, set_dotted, to_dict
+    from redrec.train import TrainConfig
+
+    data = to_dict(TrainConfig(store=str(store), out=str(out)))
+    for k, v in {**TINY_TRAIN, **overrides}.items():
+        set_dotted(data, k, v)
+    return from_dict(TrainConfig, data)
+
+
+def make_tiny_store(root: Path) -> Path:
+    """120 synthetic users x 300 items (homefeed / ads / search) imported into ``root/store``."""
+    from redrec.data.redmmu import import_redmmu
+    from redrec.data.synth import SynthConfig, write_synthetic
+
+    cfg = SynthConfig(n_users=120, n_items=300, homefeed_mean_len=40, ads_mean_len=8, search_mean_len=4, max_len=80,
+                      write_truth=False)
+    write_synthetic(root / "raw", cfg)
+    import_redmmu(root / "raw", root / "store", progress=False)
+    return root / "store"
+
+
+@pytest.fixture
+def restore_torch_threads():
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

@@ -20,13 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import make_tiny_store, tiny_train_config
 from safetensors.torch import load_file
 
-from redrec.config import from_dict, save_yaml, set_dotted, to_dict
+from redrec.config import save_yaml
 from redrec.data.batching import TrainExamples
-from redrec.data.redmmu import import_redmmu
 from redrec.data.store import EventStore
-from redrec.data.synth import SynthConfig, write_synthetic
 from redrec.model.redrec import RedRec
 from redrec.train import TrainConfig, make_split, resolve_model_config, train
 
@@ -46,18 +45,7 @@ pytestmark = [
 
 
 def tiny_config(store: Path, out: Path, **overrides) -> TrainConfig:
-    data = to_dict(TrainConfig(store=str(store), out=str(out)))
-    base = {
-        "model.user_tower.hidden_size": 32, "model.user_tower.num_layers": 1, "model.user_tower.num_heads": 2,
-        "model.user_tower.num_kv_heads": 1, "model.user_tower.intermediate_size": 64,
-        "model.item_tower.mlp_hidden": 32, "mixing.last_n": 32, "data.n_negatives": 64,
-        "optim.lr": 1e-2, "optim.warmup_steps": 2, "max_steps": STEPS, "n_valid_users": 0, "test_at_end": False,
-        "progress": False, "eval_every": 0, "log_every": 1, "ckpt_every": 0, "num_threads": 1, "device": "cpu",
-        "resume": False,
-    }
-    for k, v in {**base, **overrides}.items():
-        set_dotted(data, k, v)
-    return from_dict(TrainConfig, data)
+    return tiny_train_config(store, out, **{"max_steps": STEPS, "n_valid_users": 0, "device": 'cpu', "resume": False, **overrides})
 
 
 def free_port() -> int:
@@ -67,20 +55,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
+def _restore_threads(restore_torch_threads):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ddp_store")
-    cfg = SynthConfig(n_users=120, n_items=300, homefeed_mean_len=40, ads_mean_len=8, search_mean_len=4, max_len=80,
-                      write_truth=False)
-    write_synthetic(root / "raw", cfg)
-    import_redmmu(root / "raw", root / "store", progress=False)
-    return root / "store"
+    return make_tiny_store(tmp_path_factory.mktemp("ddp_store"))
 
 
 def grad_norms(run: Path) -> list[float]:

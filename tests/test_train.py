@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_store, tiny_train_config
 from safetensors.torch import load_file
 
-from redrec.config import from_dict, load_yaml, save_yaml, set_dotted, to_dict
+from redrec.config import from_dict, load_yaml, save_yaml, to_dict
 from redrec.data.batching import TrainDataConfig, TrainExamples
-from redrec.data.redmmu import import_redmmu
 from redrec.data.store import EventStore
-from redrec.data.synth import SynthConfig, write_synthetic
 from redrec.eval.protocols import ProtocolConfig, make_cases
 from redrec.features import FeatureConfig
 from redrec.mixing import MixingConfig
@@ -39,20 +38,7 @@ KILL_AT = 3  # the killed run is stopped once a checkpoint of at least this step
 
 
 def tiny_config(store: Path, out: Path, **overrides) -> TrainConfig:
-    """A run that takes well under a second per 10 steps on one CPU thread (dotted override keys)."""
-    data = to_dict(TrainConfig(store=str(store), out=str(out)))
-    base = {
-        "model.user_tower.hidden_size": 32, "model.user_tower.num_layers": 1, "model.user_tower.num_heads": 2,
-        "model.user_tower.num_kv_heads": 1, "model.user_tower.intermediate_size": 64,
-        "model.item_tower.mlp_hidden": 32, "mixing.last_n": 32, "data.n_negatives": 64,
-        # a short warm-up, so that the cosine part of the schedule (which depends on the total steps) is used
-        "optim.lr": 1e-2, "optim.warmup_steps": 2,
-        "batch_size": 8, "max_steps": STEPS, "n_valid_users": 8, "test_at_end": False, "progress": False,
-        "eval_every": 0, "log_every": 1, "ckpt_every": 0, "num_threads": 1,
-    }
-    for k, v in {**base, **overrides}.items():
-        set_dotted(data, k, v)
-    return from_dict(TrainConfig, data)
+    return tiny_train_config(store, out, **{"batch_size": 8, "max_steps": STEPS, "n_valid_users": 8, **overrides})
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -70,20 +56,13 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
+def _restore_threads(restore_torch_threads):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train_store")
-    cfg = SynthConfig(n_users=120, n_items=300, homefeed_mean_len=40, ads_mean_len=8, search_mean_len=4, max_len=80,
-                      write_truth=False)
-    write_synthetic(root / "raw", cfg)
-    import_redmmu(root / "raw", root / "store", progress=False)
-    return root / "store"
+    return make_tiny_store(tmp_path_factory.mktemp("train_store"))
 
 
 @pytest.fixture(scope="module")
