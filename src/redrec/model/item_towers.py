@@ -35,7 +35,12 @@ class ProjectionHead(nn.Module):
 
 
 class IdItemTower(nn.Module):
-    """A learned embedding per item (baselines, ablations, datasets without content).  ``[...] -> [..., H]``."""
+    """A learned embedding per item (baselines, ablations, datasets without content).  ``[...] -> [..., H]``.
+
+    ``LayerNorm(E[i])``: the norm makes the tower's output scale independent of the embedding's, so a small init
+    (std 0.02) moves quickly under AdamW, and items start apart (without it the head's bias dominates tiny inputs,
+    every item starts with nearly the same vector and the near-duplicate mask discards almost every negative).
+    """
 
     needs_features = False
 
@@ -44,13 +49,12 @@ class IdItemTower(nn.Module):
         if cfg.n_items < 1:
             raise ValueError("ItemTowerConfig.n_items must be set for the id tower")
         self.emb = nn.Embedding(cfg.n_items, hidden)
-        # unit-variance init: with a small init (e.g. 0.02) the head's bias dominates, every item starts with nearly
-        # the same vector, and the near-duplicate mask (cos > 0.98) would discard almost every negative
-        nn.init.normal_(self.emb.weight, std=1.0)
+        nn.init.normal_(self.emb.weight, std=0.02)
+        self.norm = nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, ids: Tensor, features: Tensor | None = None) -> Tensor:
-        return self.dropout(self.emb(ids))
+        return self.dropout(self.norm(self.emb(ids)))
 
 
 class FeatureItemTower(nn.Module):
