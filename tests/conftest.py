@@ -65,3 +65,21 @@ def restore_torch_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+def build_store(tmp_path, users, n_items, *, scenarios=("homefeed", "ads"), vectors=None, with_target=False, name="s"):
+    """``users``: per user a list of ``(item, scenario, timestamp)`` or ``(item, scenario, timestamp, target)``."""
+    from redrec.data.store import EventStoreWriter
+
+    with EventStoreWriter(tmp_path / name, scenarios=list(scenarios), actions=["click"], with_target=with_target) as w:
+        w.add_items([f"i{i}" for i in range(n_items)], vectors=vectors)
+        ev = [e for u in users for e in u]
+        w.add_users(
+            [f"u{k}" for k in range(len(users))],
+            counts=[len(u) for u in users],
+            item=[e[0] for e in ev],
+            scenario=[e[1] for e in ev],
+            timestamp=[e[2] for e in ev],
+            target=[e[3] for e in ev] if with_target else None,
+        )
+        return w.commit()

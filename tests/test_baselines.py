@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import build_store
 
 from redrec.baselines import MeanPoolScorer, PopularityScorer
-from redrec.data.store import EventStoreWriter
 from redrec.errors import DataError
 from redrec.eval.protocols import EvalCase, ProtocolConfig, evaluate, make_cases
 from redrec.mixing import MixingConfig
@@ -15,20 +15,6 @@ from redrec.mixing import MixingConfig
 HF, ADS = 0, 1
 
 
-def build_store(tmp_path, users, n_items, *, vectors=None, with_target=False, name="s"):
-    """``users``: per user a list of ``(item, scenario, timestamp[, target])``."""
-    with EventStoreWriter(tmp_path / name, scenarios=["homefeed", "ads"], with_target=with_target) as w:
-        w.add_items([f"i{i}" for i in range(n_items)], vectors=vectors)
-        ev = [e for u in users for e in u]
-        w.add_users(
-            [f"u{k}" for k in range(len(users))],
-            counts=[len(u) for u in users],
-            item=[e[0] for e in ev],
-            scenario=[e[1] for e in ev],
-            timestamp=[e[2] for e in ev],
-            target=[e[3] for e in ev] if with_target else None,
-        )
-        return w.commit()
 
 
 def seq_user(items, scen=HF, t0=1):

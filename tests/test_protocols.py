@@ -11,9 +11,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import build_store
 
 from redrec.config import from_dict
-from redrec.data.store import EventStoreWriter
 from redrec.errors import ConfigError, DataError
 from redrec.eval.protocols import (
     EvalCase,
@@ -32,20 +32,6 @@ from redrec.retrieval.exact import max_cosine
 HF, ADS = 0, 1
 
 
-def build_store(tmp_path, users, n_items, *, scenarios=("homefeed", "ads"), vectors=None, with_target=False, name="s"):
-    """``users``: per user a list of ``(item, scenario, timestamp)`` or ``(item, scenario, timestamp, target)``."""
-    with EventStoreWriter(tmp_path / name, scenarios=list(scenarios), actions=["click"], with_target=with_target) as w:
-        w.add_items([f"i{i}" for i in range(n_items)], vectors=vectors)
-        ev = [e for u in users for e in u]
-        w.add_users(
-            [f"u{k}" for k in range(len(users))],
-            counts=[len(u) for u in users],
-            item=[e[0] for e in ev],
-            scenario=[e[1] for e in ev],
-            timestamp=[e[2] for e in ev],
-            target=[e[3] for e in ev] if with_target else None,
-        )
-        return w.commit()
 
 
 @pytest.fixture
