@@ -366,3 +366,25 @@ def test_window_loss_without_targets_is_connected_zero():
     loss.backward()
     assert interests.grad is not None and (interests.grad == 0).all()
     assert scale.log_scale.grad is not None
+
+
+def test_neg_group_masks_pool_columns_of_the_rows_own_group():
+    """A pool column whose group equals the row's group (e.g. the same user's other positive) is not a negative."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(3, 4, generator=g), dim=-1)
+    p = torch.nn.functional.normalize(torch.randn(3, 4, generator=g), dim=-1)
+    nv = torch.nn.functional.normalize(torch.randn(5, 4, generator=g), dim=-1)
+    nv[0], nv[2] = q[0], q[2]  # the masked columns would be strong negatives of their rows
+    ni = torch.tensor([10, 11, 12, 13, 14])
+    pi = torch.tensor([0, 1, 2])
+    rows = torch.tensor([7, 8, 9])
+    groups = torch.tensor([7, -1, 9, -1, -1])  # column 0 belongs to row 0's user, column 2 to row 2's
+    got = nce_loss(q, pi, p, ni, nv, 10.0, in_batch=False, dup_threshold=None, reduction="none",
+                   row_group=rows, neg_group=groups)
+    for r, drop in ((0, 0), (1, None), (2, 2)):
+        keep = [c for c in range(5) if c != drop]
+        want = nce_loss(q[r : r + 1], pi[r : r + 1], p[r : r + 1], ni[keep], nv[keep], 10.0, in_batch=False,
+                        dup_threshold=None, reduction="none")
+        assert torch.allclose(got[r], want[0], atol=1e-6), r
+    plain = nce_loss(q, pi, p, ni, nv, 10.0, in_batch=False, dup_threshold=None, reduction="none")
+    assert not torch.allclose(plain[0], got[0]) and torch.allclose(plain[1], got[1])

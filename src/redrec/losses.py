@@ -119,6 +119,7 @@ def nce_loss(
     log_q: Tensor | None = None,
     reduction: str = "mean",
     row_group: Tensor | None = None,
+    neg_group: Tensor | None = None,
 ) -> Tensor:
     """Sampled-softmax (InfoNCE) loss of paper eq. 6, one positive per row.
 
@@ -157,7 +158,10 @@ def nce_loss(
             including the positive).  With ``in_batch=False`` entry ``n`` corrects row ``n``'s positive column.
         reduction: ``"mean"`` (over rows), ``"sum"`` or ``"none"`` ([N] float32 per-row losses).
         row_group: [N] long, optional group of each row (e.g. user index); in-batch columns of the same group
-            as the row are masked.  Ignored when ``in_batch=False``.
+            as the row are masked.
+        neg_group: [M] long, optional group of each pool negative (-1 = none); with ``row_group``, pool columns
+            of the row's own group are masked (e.g. in-batch positives passed as pool columns: a user's own
+            future items are not its negatives).
 
     Returns:
         float32 scalar (or [N] for ``reduction="none"``); float64 for float64 inputs.
@@ -189,6 +193,8 @@ def nce_loss(
         mask = negative_mask(pos_item, p, cand_item, cand_vec, dup_threshold)  # [N, N+M]
         if row_group is not None:
             mask[:, :n] |= row_group[:, None] == row_group[None, :]
+            if neg_group is not None:
+                mask[:, n:] |= row_group[:, None] == neg_group[None, :]
         mask[rows, rows] = False  # the row's own positive is never masked
         target = rows  # positive on the diagonal
     else:
@@ -198,6 +204,8 @@ def nce_loss(
             lq = log_q.to(ct)
             logits = logits - torch.cat([lq[:n, None], lq[None, n:].expand(n, m)], dim=1)
         neg_mask = negative_mask(pos_item, p, neg_item, neg, dup_threshold)  # [N, M]
+        if row_group is not None and neg_group is not None:
+            neg_mask |= row_group[:, None] == neg_group[None, :]
         mask = torch.cat([neg_mask.new_zeros(n, 1), neg_mask], dim=1)  # [N, 1+M]
         target = torch.zeros_like(rows)  # positive in column 0
 

@@ -280,22 +280,25 @@ def compute_loss(model: RedRec, scale_mod: LogitScale, batch: dict[str, Tensor],
         pos_item = batch["next_item"][m]
         pos_vec = core.item_vectors(pos_item, batch["next_feat"][m] if needs else None)
         ni, nv = neg_item, neg_vec
+        # each position's user, numbered by its place in the global batch (rank r holds users r, r + world, ...,
+        # see TrainExamples.batches), so that one process and several number them alike
+        row_user = torch.arange(m.shape[0], device=m.device)[:, None].expand_as(m)[m] * world + rank
+        ng = torch.full_like(neg_item, -1)
         if cfg.loss.in_batch_negatives:
             # in-batch negatives = up to `in_batch_max` positives of the (global) batch, sampled with the batch's
             # seeded generator; the full N x N matrix would be quadratic in the number of positions
-            all_item, all_vec = _gather_rows(pos_item), _gather_rows(pos_vec)
-            if world > 1:
-                # put the gathered rows in the order of the global batch (rank r holds its users r, r + world, ...,
-                # see TrainExamples.batches), so the sample below picks the same positives as one process would
-                row_user = torch.arange(m.shape[0], device=m.device)[:, None].expand_as(m)[m]
-                order = torch.sort(_gather_rows(row_user * world + rank), stable=True).indices
-                all_item, all_vec = all_item[order], all_vec[order]
+            all_item, all_vec, all_user = _gather_rows(pos_item), _gather_rows(pos_vec), _gather_rows(row_user)
+            if world > 1:  # the gathered rows in global-batch order, so the sample picks what one process would
+                order = torch.sort(all_user, stable=True).indices
+                all_item, all_vec, all_user = all_item[order], all_vec[order], all_user[order]
             k = min(cfg.loss.in_batch_max, all_item.shape[0])
             g = torch.Generator().manual_seed(int(batch["neg_item"][:4].sum()) if neg_item.numel() else 0)
             pick = torch.randperm(all_item.shape[0], generator=g)[:k].to(all_item.device)
             ni, nv = torch.cat([all_item[pick], neg_item]), torch.cat([all_vec[pick], neg_vec])
-        l_sum = nce_loss(q, pos_item, pos_vec, ni, nv, scale, in_batch=False,
-                         dup_threshold=cfg.loss.dup_threshold, reduction="sum")
+            ng = torch.cat([all_user[pick], ng])
+        # a user's own other positives (its past and future items) are not its negatives
+        l_sum = nce_loss(q, pos_item, pos_vec, ni, nv, scale, in_batch=False, dup_threshold=cfg.loss.dup_threshold,
+                         reduction="sum", row_group=row_user, neg_group=ng)
         l_next = l_sum / n_next_all * world
         total = total + cfg.loss.nce_weight * l_next
         stats["loss_next"] = float(l_sum.detach()) / max(1, q.shape[0])
