@@ -188,7 +188,7 @@ def eval_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Evaluate models on an event store under a named protocol and print a metrics table."""
-    from redrec.config import from_dict, load_yaml, set_dotted, to_dict
+    from redrec.config import load_config
     from redrec.eval.report import format_table, write_json
     from redrec.eval.run import EvalConfig, run_eval
 
@@ -200,13 +200,7 @@ def eval_cmd(
     ):
         if val is not None:
             ov[key] = val
-    if config:
-        cfg = load_yaml(EvalConfig, config, ov)
-    else:
-        data = to_dict(EvalConfig())
-        for k, v in ov.items():
-            set_dotted(data, k, v)
-        cfg = from_dict(EvalConfig, data, source="command line")
+    cfg = load_config(EvalConfig, config, ov)
     results = run_eval(cfg, progress=progress)
     typer.echo(format_table(results, style="plain"))
     if out:

@@ -123,6 +123,16 @@ def load_yaml(cls: type[T], path: str | Path, overrides: dict[str, Any] | None =
     return from_dict(cls, data, source=path)
 
 
+def load_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None = None) -> T:
+    """``cls`` from a YAML file (or from its defaults when ``path`` is None), with dotted-key ``overrides``."""
+    if path is not None:
+        return load_yaml(cls, path, overrides)
+    data = to_dict(cls())
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    return from_dict(cls, data, source="command line")
+
+
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     cur = data

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from redrec.config import from_dict, load_yaml, save_yaml, to_dict
+from redrec.config import from_dict, load_config, save_yaml, to_dict
 from redrec.data.batching import TrainDataConfig, TrainExamples
 from redrec.data.store import EventStore
 from redrec.errors import ConfigError
@@ -648,11 +648,4 @@ def _trim_log(path: Path, last_step: int) -> None:
 
 
 def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    if path is None:
-        from redrec.config import set_dotted
-
-        data = to_dict(TrainConfig())
-        for k, v in (overrides or {}).items():
-            set_dotted(data, k, v)
-        return from_dict(TrainConfig, data, source="command line")
-    return load_yaml(TrainConfig, path, overrides)
+    return load_config(TrainConfig, path, overrides)

@@ -7,7 +7,6 @@ through the shared :class:`ProjectionHead`, the item's retrieval vector (paper s
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -97,4 +96,4 @@ def l2norm(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=-1).to(x.dtype)
 
 
-__all__ = ["FeatureItemTower", "IdItemTower", "ProjectionHead", "build_item_tower", "l2norm", "torch"]
+__all__ = ["FeatureItemTower", "IdItemTower", "ProjectionHead", "build_item_tower", "l2norm"]

@@ -17,12 +17,11 @@ serving): ``item [B,L]``, ``item_feat [B,L,F]`` (features tower), ``scenario``, 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from redrec.config import from_dict, save_yaml, to_dict
+from redrec.config import from_dict, save_yaml
 from redrec.errors import DataError
 from redrec.features import UNKNOWN_HOUR
 from redrec.model.config import ModelConfig
@@ -198,6 +197,3 @@ class RedRec(nn.Module):
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-
-def config_summary(cfg: ModelConfig) -> dict[str, Any]:
-    return to_dict(cfg)
