@@ -175,7 +175,14 @@ def eval_cmd(
     store: Path | None = typer.Option(None, "--store", "-s", help="Event store directory."),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML EvalConfig (store, protocol, mixing, models)."),
     protocol: str | None = typer.Option(None, "--protocol", "-p", help="redrec, loo or reference."),
-    model: list[str] | None = typer.Option(None, "--model", "-m", help="popularity, meanpool or auto (repeatable)."),
+    model: list[str] | None = typer.Option(None, "--model", "-m", help="popularity, meanpool or auto (repeatable; default auto, or none when a checkpoint or embeddings are given)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="A training run directory (RUN/model + RUN/config.yaml) or a model directory."),
+    item_embeddings: Path | None = typer.Option(None, "--item-embeddings", help="Merged `redrec embed items` directory (with --user-embeddings)."),
+    user_embeddings: Path | None = typer.Option(None, "--user-embeddings", help="Merged `redrec embed users` directory, embedded under the same protocol."),
+    queries: str | None = typer.Option(None, help="Interest vectors that score: auto, all or target_scenario."),
+    ref_items: Path | None = typer.Option(None, "--ref-items", help="reference protocol without a store: RedSeqRec's base_item_embedding_pr.pkl."),
+    ref_users: Path | None = typer.Option(None, "--ref-users", help="reference protocol without a store: RedSeqRec's user_embedding_pr.pkl."),
+    lastn: Path | None = typer.Option(None, "--lastn", help="reference protocol without a store: RedSeqRec's user_lastn.json."),
     target_scenario: str | None = typer.Option(None, help="redrec protocol: the target scenario (default ads)."),
     pool: str | None = typer.Option(None, help="full or sampled candidate pool."),
     n_sampled: int | None = typer.Option(None, help="Sampled pool size (besides the targets)."),
@@ -187,7 +194,12 @@ def eval_cmd(
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the results as JSON here."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """Evaluate models on an event store under a named protocol and print a metrics table."""
+    """Evaluate models under a named protocol and print a metrics table (protocol, dataset, pool, K in its title).
+
+    Models: zero-parameter baselines (--model), a trained model (--checkpoint RUN), precomputed embeddings
+    (--item-embeddings DIR --user-embeddings DIR), or RedSeqRec's released pickles under the reference protocol
+    (--protocol reference --ref-items ... --ref-users ... --lastn ..., no store needed).
+    """
     from redrec.config import load_config
     from redrec.eval.report import format_table, write_json
     from redrec.eval.run import EvalConfig, run_eval
@@ -197,15 +209,140 @@ def eval_cmd(
         ("store", str(store) if store else None), ("protocol.name", protocol), ("protocol.target_scenario", target_scenario),
         ("protocol.pool", pool), ("protocol.n_sampled", n_sampled), ("protocol.max_users", max_users),
         ("protocol.seed", seed), ("mixing.policy", policy), ("mixing.last_n", last_n), ("models", list(model) if model else None),
+        ("checkpoint", str(checkpoint) if checkpoint else None), ("queries", queries),
+        ("item_embeddings", str(item_embeddings) if item_embeddings else None),
+        ("user_embeddings", str(user_embeddings) if user_embeddings else None),
+        ("reference.items", str(ref_items) if ref_items else None), ("reference.users", str(ref_users) if ref_users else None),
+        ("reference.lastn", str(lastn) if lastn else None),
     ):
         if val is not None:
             ov[key] = val
+    if not model and "models" not in ov and (checkpoint or item_embeddings or ref_items):
+        ov["models"] = []  # only what was given
+    if ref_items and protocol is None:
+        ov["protocol.name"] = "reference"
     cfg = load_config(EvalConfig, config, ov)
     results = run_eval(cfg, progress=progress)
     typer.echo(format_table(results, style="plain"))
     if out:
         write_json(out, results)
         typer.echo(f"wrote {out}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# embed
+# --------------------------------------------------------------------------------------------------------------
+embed_app = typer.Typer(
+    help="Embed items and users with a trained model: batched, sharded (--rank/--world-size or torchrun), "
+    "resumable; then `redrec embed merge DIR`.",
+    no_args_is_help=True,
+)
+app.add_typer(embed_app, name="embed")
+
+
+def _embed_config(set_: list[str] | None, batch_size: int | None, part_rows: int | None, device: str | None,
+                  progress: bool) -> tuple[Any, dict[str, Any]]:
+    """EmbedConfig from the flags and the non-dotted ``--set`` keys; returns it and the dotted (protocol./mixing./
+    features.) overrides."""
+    from redrec.config import load_config
+    from redrec.embed import EmbedConfig
+
+    ov = _parse_overrides(set_)
+    dotted = {k: v for k, v in ov.items() if "." in k}
+    flat = {k: v for k, v in ov.items() if "." not in k}
+    for k, v in (("batch_size", batch_size), ("part_rows", part_rows), ("device", device)):
+        if v is not None:
+            flat[k] = v
+    flat["progress"] = progress
+    return load_config(EmbedConfig, None, flat), dotted
+
+
+def _embed_done(res: Any, merge: bool | None) -> None:
+    from redrec.embed import merge_embeddings
+
+    typer.echo(f"rank {res.rank}/{res.world_size}: rows [{res.row_start:,}, {res.row_end:,}) in {res.n_parts} parts "
+               f"({res.parts_written} written, {res.parts_skipped} already there) -> {res.shard_dir}")
+    if merge is None:
+        merge = res.world_size == 1
+    if merge:
+        path = merge_embeddings(res.out, progress=False)
+        typer.echo(f"merged -> {path} + {res.out / 'ids.parquet'}")
+    else:
+        typer.echo(f"when all {res.world_size} ranks are done: redrec embed merge {res.out}")
+
+
+_RUN_HELP = "Training run directory (uses RUN/model and RUN/config.yaml). Under torchrun write --run-dir or -r (torchrun takes --run for its --run-path)."
+_RANK_HELP = "This process's shard (default: $RANK, else 0)."
+_WORLD_HELP = "Number of shards (default: $WORLD_SIZE, else 1)."
+_MERGE_HELP = "Merge after this rank finishes (default: only when world size is 1)."
+
+
+@embed_app.command("items")
+@_clean_errors
+def embed_items_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Embeddings directory (shared by all ranks)."),
+    run: Path | None = typer.Option(None, "--run", "--run-dir", "-r", help=_RUN_HELP),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Model directory (config.yaml + model.safetensors) instead of --run."),
+    store: Path | None = typer.Option(None, "--store", "-s", help="Event store (default: the run's)."),
+    rank: int | None = typer.Option(None, "--rank", help=_RANK_HELP),
+    world_size: int | None = typer.Option(None, "--world-size", help=_WORLD_HELP),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Items per forward pass (default 8192)."),
+    part_rows: int | None = typer.Option(None, "--part-rows", help="Rows per part file (the unit of resume)."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Any EmbedConfig field: key=value."),
+    merge: bool | None = typer.Option(None, "--merge/--no-merge", help=_MERGE_HELP),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Unit vectors [n_items, d] of every item of the store."""
+    from redrec.embed import embed_items
+
+    if (run is None) == (model is None):
+        raise RedrecError("give exactly one of --run RUN_DIR or --model MODEL_DIR")
+    cfg, dotted = _embed_config(set_, batch_size, part_rows, device, progress)
+    if dotted:
+        raise RedrecError(f"--set {next(iter(dotted))}: items take EmbedConfig fields only")
+    res = embed_items(run or model, store, out, cfg, rank=rank, world_size=world_size)  # type: ignore[arg-type]
+    _embed_done(res, merge)
+
+
+@embed_app.command("users")
+@_clean_errors
+def embed_users_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Embeddings directory (shared by all ranks)."),
+    run: Path = typer.Option(..., "--run", "--run-dir", "-r", help=_RUN_HELP),
+    store: Path | None = typer.Option(None, "--store", "-s", help="Event store (default: the run's)."),
+    protocol: str = typer.Option("latest", "--protocol", "-p", help="latest (whole history; serving), loo, redrec or reference (one row per evaluation case)."),
+    rank: int | None = typer.Option(None, "--rank", help=_RANK_HELP),
+    world_size: int | None = typer.Option(None, "--world-size", help=_WORLD_HELP),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Users per forward pass (default 256)."),
+    part_rows: int | None = typer.Option(None, "--part-rows", help="Rows per part file (the unit of resume)."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    set_: list[str] | None = typer.Option(None, "--set", help="protocol.*, mixing.*, features.* or EmbedConfig fields: key=value."),
+    merge: bool | None = typer.Option(None, "--merge/--no-merge", help=_MERGE_HELP),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """All K interest vectors [n_rows, K, d] per user (latest) or per evaluation case (loo, redrec, reference)."""
+    from redrec.embed import embed_users
+
+    cfg, dotted = _embed_config(set_, batch_size, part_rows, device, progress)
+    res = embed_users(run, store, out, protocol, cfg, overrides=dotted, rank=rank, world_size=world_size)
+    _embed_done(res, merge)
+
+
+@embed_app.command("merge")
+@_clean_errors
+def embed_merge_cmd(
+    out: Path = typer.Argument(..., help="Embeddings directory."),
+    store: Path | None = typer.Option(None, "--store", "-s", help="Event store for the external ids (default: the manifest's)."),
+    remove_shards: bool = typer.Option(False, "--remove-shards", help="Delete the shard directories after merging."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Merge every rank's shard into DIR/embeddings.npy + DIR/ids.parquet (fails on missing or corrupt shards)."""
+    from redrec.embed import load_embeddings, merge_embeddings
+
+    merge_embeddings(out, store=store, remove_shards=remove_shards, progress=progress)
+    e = load_embeddings(out)
+    typer.echo(f"merged {len(e):,} {e.kind} rows {tuple(e.vectors.shape)} -> {out / 'embeddings.npy'} + {out / 'ids.parquet'}")
 
 
 # --------------------------------------------------------------------------------------------------------------
