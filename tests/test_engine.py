@@ -17,10 +17,10 @@ def clustered(B: int, K: int, N: int, d: int = 16, seed: int = 0) -> tuple[np.nd
     return Q.reshape(B, K, d), X * g.uniform(0.5, 2.0, (N, 1)).astype(np.float32)  # unnormalised on purpose
 
 
-SMALL = EngineConfig(user_block=5, item_block=300, run=16, margin=4, n_sample=600, threads=2)
+SMALL = EngineConfig(user_block=5, item_block=300, margin=4, n_sample=600, threads=2)
 
 
-@pytest.mark.parametrize("cfg", [SMALL, EngineConfig(n_sample=0, threads=1, item_block=97, run=8), EngineConfig()],
+@pytest.mark.parametrize("cfg", [SMALL, EngineConfig(n_sample=0, threads=1, item_block=97), EngineConfig()],
                          ids=["small-tiles", "no-sample", "defaults"])
 def test_equals_float64_reference(cfg: EngineConfig) -> None:
     Q, X = clustered(23, 3, 5000)

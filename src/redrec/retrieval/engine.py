@@ -12,10 +12,10 @@ How it is fast (the naive ``matmul + topk`` spends most of its time in top-k sel
    size of one core) is computed by ``torch.mm(out=...)`` and consumed at once by the selection kernel while it is
    still in cache.  The two cores work on different user blocks (one BLAS thread each), so one core's memory-bound
    selection overlaps the other's compute-bound matmul.
-2. *Selection that touches almost nothing.*  The numba kernel reads a tile in runs of ``run`` items: it takes the max
-   over the user's K rows and over the run (vectorised) and compares it with the user's threshold; only runs that
-   beat it are looked at item by item.  Survivors are appended to a per-user buffer (no heap); when the buffer is
-   full it is compacted to its best ``k'`` and the threshold rises to the ``k'``-th score.
+2. *Selection that touches almost nothing.*  Per user and tile the numba kernel makes vectorised passes (the max
+   over the user's K rows into one row, then a count of the items above the user's threshold) and looks at items
+   one by one only when the count is not zero.  Survivors are appended to a per-user buffer (no heap); when the
+   buffer is full it is compacted to its best ``k'`` and the threshold rises to the ``k'``-th score.
 3. *A good threshold from the start.*  Before the scan, each user's scores on a fixed sample of ``n_sample`` items
    give an estimate of its final ``k'``-th score (a sample quantile chosen so that about twice ``k'`` items are
    expected above it).  The few users whose estimate was too high (fewer than ``k'`` items above it) are scanned
@@ -62,7 +62,6 @@ class EngineConfig:
         threads: worker threads (each runs a one-thread BLAS and the selection kernel); ``0`` = ``os.cpu_count()``.
         user_block: users per tile (``user_block * K`` query rows).
         item_block: items per tile.
-        run: items per vectorised threshold test inside the kernel.
         margin: extra candidates kept beyond ``k`` for the float64 check.
         buffer_factor: per-user candidate buffer = ``buffer_factor * (k + margin)`` entries.
         n_sample: items scored up front to estimate each user's threshold (0 = start from ``-inf``).
@@ -73,7 +72,6 @@ class EngineConfig:
     threads: int = 0
     user_block: int = 32
     item_block: int = 2048
-    run: int = 32
     margin: int = 32
     buffer_factor: int = 4
     n_sample: int = 16384
@@ -81,7 +79,7 @@ class EngineConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        for name in ("user_block", "item_block", "run", "buffer_factor"):
+        for name in ("user_block", "item_block", "buffer_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.buffer_factor < 2:
@@ -129,49 +127,54 @@ def _compact(buf_s, buf_i, n, keep):
 
 
 @njit(nogil=True, fastmath=_FASTMATH, cache=True)
-def _scan_tile(S, K, a, thr, buf_s, buf_i, cnt, raised, keep, run, ex_items, ex_ptr, ex_end):
+def _scan_tile(S, K, a, thr, buf_s, buf_i, cnt, raised, keep, m, ex_items, ex_ptr, ex_end):
     """Consume one score tile ``S`` ``[b*K, C]`` (rows ``u*K .. u*K+K-1`` are user u; columns are items ``a + j``).
 
     Per user u: ``thr[u]`` (strict: an item must score above it), the append buffer ``buf_s[u], buf_i[u]`` with
     ``cnt[u]`` entries, ``raised[u]`` set once a compaction raised the threshold, and the user's sorted excluded
-    items ``ex_items[ex_ptr[u]:ex_end[u]]`` (``ex_ptr`` advances as the scan moves right).
+    items ``ex_items[ex_ptr[u]:ex_end[u]]`` (``ex_ptr`` advances as the scan moves right).  ``m`` is a ``[C]``
+    float32 scratch row.  Three vectorised passes per user (max over the K rows into ``m``; count of
+    ``m > thr``) and, only when the count is not zero, one scalar pass that appends the survivors.
     """
     b = thr.shape[0]
     C = S.shape[1]
     cap = buf_s.shape[1]
+    mu = m[:C]
     for u in range(b):
         r0 = u * K
+        if K == 1:
+            mu[:] = S[r0]
+        else:
+            np.maximum(S[r0], S[r0 + 1], mu)
+            for r in range(r0 + 2, r0 + K):
+                np.maximum(mu, S[r], mu)
         t = thr[u]
-        for j0 in range(0, C, run):
-            j1 = min(C, j0 + run)
-            mx = np.float32(-np.inf)
-            for r in range(r0, r0 + K):
-                for j in range(j0, j1):
-                    v = S[r, j]
-                    mx = v if v > mx else mx
-            if not mx > t:
-                continue
-            for j in range(j0, j1):
-                v = S[r0, j]
-                for r in range(r0 + 1, r0 + K):
-                    w = S[r, j]
-                    v = w if w > v else v
-                if v > t:
-                    item = a + j
-                    p = ex_ptr[u]
-                    while p < ex_end[u] and ex_items[p] < item:
-                        p += 1
-                    ex_ptr[u] = p
-                    if p < ex_end[u] and ex_items[p] == item:
-                        continue
+        c = 0
+        for j in range(C):
+            c += mu[j] > t
+        j = 0
+        while c > 0:
+            v = mu[j]
+            if v > t:
+                c -= 1
+                item = a + j
+                p = ex_ptr[u]
+                while p < ex_end[u] and ex_items[p] < item:
+                    p += 1
+                ex_ptr[u] = p
+                if not (p < ex_end[u] and ex_items[p] == item):
                     n = cnt[u]
                     buf_s[u, n] = v
                     buf_i[u, n] = item
                     n += 1
-                    if n == cap:
+                    if n == cap:  # compaction raises the threshold: later survivors of this tile are re-tested
                         n, t = _compact(buf_s[u], buf_i[u], n, keep)
                         raised[u] = True
+                        c = 0
+                        for q in range(j + 1, C):
+                            c += mu[q] > t
                     cnt[u] = n
+            j += 1
         thr[u] = t
 
 
@@ -404,11 +407,12 @@ def search(
         ex_ptr = ex_off[ub].copy()
         ex_end = ex_off[ub + 1].copy()
         S = torch.empty((b * K, cfg.item_block), dtype=torch.float32)
+        m = np.empty(cfg.item_block, np.float32)
         for a, e in item_tiles:
             x = _item_tile(X, a, e, items_normalized)
             s = S[:, : e - a]
             torch.mm(q, x.T, out=s)
-            _scan_tile(s.numpy(), K, a, thr, buf_s, buf_i, cnt, raised, keep, cfg.run, ex_items, ex_ptr, ex_end)
+            _scan_tile(s.numpy(), K, a, thr, buf_s, buf_i, cnt, raised, keep, m, ex_items, ex_ptr, ex_end)
         return buf_s, buf_i, cnt, raised, thr
 
     def finish(ub: np.ndarray, buf_s: np.ndarray, buf_i: np.ndarray, cnt: np.ndarray) -> None:
