@@ -12,10 +12,11 @@ How it is fast (the naive ``matmul + topk`` spends most of its time in top-k sel
    size of one core) is computed by ``torch.mm(out=...)`` and consumed at once by the selection kernel while it is
    still in cache.  The two cores work on different user blocks (one BLAS thread each), so one core's memory-bound
    selection overlaps the other's compute-bound matmul.
-2. *Selection that touches almost nothing.*  Per user and tile the numba kernel makes vectorised passes (the max
-   over the user's K rows into one row, then a count of the items above the user's threshold) and looks at items
-   one by one only when the count is not zero.  Survivors are appended to a per-user buffer (no heap); when the
-   buffer is full it is compacted to its best ``k'`` and the threshold rises to the ``k'``-th score.
+2. *Selection that touches almost nothing.*  Per user and tile the numba kernel folds the tile row into 128
+   columns (column ``c`` = the max over the user's K rows and over items ``c, c+128, ...``: element-wise maxima,
+   which vectorise) and opens only the columns above the user's threshold.  Survivors are appended, in index
+   order, to a per-user buffer (no heap); when the buffer is full it is compacted to its best ``k'`` and the
+   threshold rises to the ``k'``-th score.
 3. *A good threshold from the start.*  Before the scan, each user's scores on a fixed sample of ``n_sample`` items
    give an estimate of its final ``k'``-th score (a sample quantile chosen so that about twice ``k'`` items are
    expected above it).  The few users whose estimate was too high (fewer than ``k'`` items above it) are scanned
@@ -36,6 +37,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,7 +48,8 @@ from numba import njit
 
 ArrayLike = np.ndarray | torch.Tensor
 
-_FASTMATH = {"nnan", "nsz", "reassoc"}  # max reductions may be reordered (no NaNs: checked on input)
+_FASTMATH = {"nnan", "nsz", "reassoc"}
+_FOLD = 128  # fold width of the scan kernel (items c, c + 128, ... share one column maximum)  # max reductions may be reordered (no NaNs: checked on input)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,8 +104,10 @@ def float32_cosine_error(d: int) -> float:
 
 
 @njit(nogil=True, cache=True)
-def _compact(buf_s, buf_i, n, keep):
-    """Keep the best ``keep`` of ``buf[:n]`` (score desc, index asc) in place, in their original (index) order.
+def _compact(buf_s, buf_i, buf_d, n, keep):
+    """Keep the best ``keep`` of ``buf[:n]`` (float32 score desc, index asc) in place, in their original order.
+
+    ``buf_d`` (the float64 scores) moves along.
 
     Returns the new count and the new threshold: the ``keep``-th best score.  Entries are in ascending index
     order (they were appended while scanning items in order), so among scores equal to the threshold the first
@@ -122,119 +127,169 @@ def _compact(buf_s, buf_i, n, keep):
                 quota_eq -= 1
             buf_s[w] = s
             buf_i[w] = buf_i[j]
+            buf_d[w] = buf_d[j]
             w += 1
     return w, thr
 
 
+@njit(nogil=True, fastmath=_FASTMATH, cache=True, inline="always")
+def _cos64(X, row, q):
+    """``max_k cos64(q_k, X[row])`` with ``q`` ``[K, d]`` float64 unit rows (the item row normalised in float64)."""
+    K, d = q.shape
+    nrm = 0.0
+    for t in range(d):
+        x = np.float64(X[row, t])
+        nrm += x * x
+    best = -np.inf
+    for k in range(K):
+        dot = 0.0
+        for t in range(d):
+            dot += q[k, t] * np.float64(X[row, t])
+        best = dot if dot > best else best
+    return best / max(np.sqrt(nrm), 1e-300)
+
+
 @njit(nogil=True, fastmath=_FASTMATH, cache=True)
-def _scan_tile(S, K, a, thr, buf_s, buf_i, cnt, raised, keep, m, ex_items, ex_ptr, ex_end):
+def _scan_tile(S, K, a, thr, buf_s, buf_i, buf_d, cnt, raised, keep, cand, ex_items, ex_ptr, ex_end, X, Q64):
     """Consume one score tile ``S`` ``[b*K, C]`` (rows ``u*K .. u*K+K-1`` are user u; columns are items ``a + j``).
 
     Per user u: ``thr[u]`` (strict: an item must score above it), the append buffer ``buf_s[u], buf_i[u]`` with
     ``cnt[u]`` entries, ``raised[u]`` set once a compaction raised the threshold, and the user's sorted excluded
-    items ``ex_items[ex_ptr[u]:ex_end[u]]`` (``ex_ptr`` advances as the scan moves right).  ``m`` is a ``[C]``
-    float32 scratch row.  Three vectorised passes per user (max over the K rows into ``m``; count of
-    ``m > thr``) and, only when the count is not zero, one scalar pass that appends the survivors.
+    items ``ex_items[ex_ptr[u]:ex_end[u]]`` (``ex_ptr`` advances as the scan moves right).  ``cand`` is an int64
+    scratch of at least ``C`` entries.  A survivor's float64 score (``Q64[u]`` against item row ``X[a + j]``, still
+    in cache from the tile's matmul) goes to ``buf_d``.
+
+    The tile row of a user is folded into ``_FOLD`` columns: ``col[c] = max over its K rows and over the items
+    ``c, c + _FOLD, c + 2 _FOLD, ...`` -- an element-wise max that vectorises (a horizontal max reduction does
+    not).  Only the columns above the threshold (a handful) are opened; their survivors are sorted by index and
+    appended in that order, which the tie rule of :func:`_compact` relies on.
     """
     b = thr.shape[0]
     C = S.shape[1]
     cap = buf_s.shape[1]
-    mu = m[:C]
+    W = _FOLD
+    R = C // W
+    col = np.empty(W, np.float32)
     for u in range(b):
         r0 = u * K
-        if K == 1:
-            mu[:] = S[r0]
-        else:
-            np.maximum(S[r0], S[r0 + 1], mu)
-            for r in range(r0 + 2, r0 + K):
-                np.maximum(mu, S[r], mu)
         t = thr[u]
-        c = 0
-        for j in range(C):
-            c += mu[j] > t
-        j = 0
-        while c > 0:
-            v = mu[j]
+        nc = 0
+        if R > 0:
+            first = S[r0]
+            for c in range(W):
+                col[c] = first[c]
+            for k in range(K):
+                row = S[r0 + k]
+                for r in range(1 if k == 0 else 0, R):
+                    o = r * W
+                    for c in range(W):
+                        x = row[o + c]
+                        col[c] = x if x > col[c] else col[c]
+            for c in range(W):
+                if col[c] > t:
+                    for r in range(R):
+                        j = r * W + c
+                        v = S[r0, j]
+                        for k in range(1, K):
+                            w = S[r0 + k, j]
+                            v = w if w > v else v
+                        if v > t:
+                            cand[nc] = j
+                            nc += 1
+        for j in range(R * W, C):  # the tail that does not fill a fold row
+            v = S[r0, j]
+            for k in range(1, K):
+                w = S[r0 + k, j]
+                v = w if w > v else v
             if v > t:
-                c -= 1
-                item = a + j
-                p = ex_ptr[u]
-                while p < ex_end[u] and ex_items[p] < item:
-                    p += 1
-                ex_ptr[u] = p
-                if not (p < ex_end[u] and ex_items[p] == item):
-                    n = cnt[u]
-                    buf_s[u, n] = v
-                    buf_i[u, n] = item
-                    n += 1
-                    if n == cap:  # compaction raises the threshold: later survivors of this tile are re-tested
-                        n, t = _compact(buf_s[u], buf_i[u], n, keep)
-                        raised[u] = True
-                        c = 0
-                        for q in range(j + 1, C):
-                            c += mu[q] > t
-                    cnt[u] = n
-            j += 1
+                cand[nc] = j
+                nc += 1
+        if nc == 0:
+            continue
+        for q in range(1, nc):  # insertion sort: a handful of survivors, no allocation
+            x = cand[q]
+            z = q - 1
+            while z >= 0 and cand[z] > x:
+                cand[z + 1] = cand[z]
+                z -= 1
+            cand[z + 1] = x
+        for q in range(nc):
+            j = cand[q]
+            v = S[r0, j]
+            for k in range(1, K):
+                w = S[r0 + k, j]
+                v = w if w > v else v
+            if not v > t:  # the threshold may have risen (compaction) since the survivor was found
+                continue
+            item = a + j
+            p = ex_ptr[u]
+            while p < ex_end[u] and ex_items[p] < item:
+                p += 1
+            ex_ptr[u] = p
+            if p < ex_end[u] and ex_items[p] == item:
+                continue
+            n = cnt[u]
+            buf_s[u, n] = v
+            buf_i[u, n] = item
+            buf_d[u, n] = _cos64(X, item, Q64[u])
+            n += 1
+            if n == cap:
+                n, t = _compact(buf_s[u], buf_i[u], buf_d[u], n, keep)
+                raised[u] = True
+            cnt[u] = n
         thr[u] = t
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, fastmath=_FASTMATH, cache=True)
 def _sample_thresholds(S, K, rank, sample_ids, ex_items, ex_off, out):
-    """Per user, the ``rank``-th best of its (max over K) scores on the sample, excluded items ignored."""
+    """Per user, the ``rank``-th best of its (max over K) scores on the sample, excluded items ignored.
+
+    Selection without sorting the sample: the ``rank``-th largest of the fold-column maxima (``_FOLD`` columns,
+    as in :func:`_scan_tile`) is a lower bound ``L`` of the answer (those columns hold ``rank`` distinct items
+    ``>= L``), so only the few items ``>= L`` are partitioned.
+    """
     b = out.shape[0]
     M = S.shape[1]
+    W = _FOLD
     m = np.empty(M, np.float32)
+    col = np.empty(W, np.float32)
+    pick = np.empty(M, np.float32)
     for u in range(b):
         r0 = u * K
-        for j in range(M):
-            v = S[r0, j]
-            for r in range(r0 + 1, r0 + K):
-                w = S[r, j]
-                v = w if w > v else v
-            m[j] = v
+        m[:] = S[r0]
+        for k in range(1, K):
+            row = S[r0 + k]
+            for j in range(M):
+                m[j] = row[j] if row[j] > m[j] else m[j]
         lo, hi = ex_off[u], ex_off[u + 1]
         if hi > lo:
             pos = np.searchsorted(sample_ids, ex_items[lo:hi])
             for q in range(pos.shape[0]):
                 if pos[q] < M and sample_ids[pos[q]] == ex_items[lo + q]:
                     m[pos[q]] = -np.inf
-        out[u] = np.partition(m, M - rank)[M - rank]
-
-
-@njit(nogil=True, fastmath=_FASTMATH, cache=True)
-def _rescore64(ids, X, q, out):
-    """``out[c] = max_k cos64(q_k, X[ids[c]])`` (``q`` ``[K, d]`` float64 unit rows; item rows normalised in float64)."""
-    n = ids.shape[0]
-    K, d = q.shape
-    touch = np.float32(0.0)
-    for c in range(n):  # independent loads first, so the random rows arrive in parallel (memory-level parallelism)
-        for t in range(0, d, 16):
-            touch += X[ids[c], t]
-    x = np.empty(d, np.float64)
-    for c in range(n):
-        row = ids[c]
-        nrm = 0.0
-        for t in range(d):
-            x[t] = X[row, t]
-            nrm += x[t] * x[t]
-        nrm = max(np.sqrt(nrm), 1e-300)
-        best = -np.inf
-        for j in range(K):
-            dot = 0.0
-            for t in range(d):
-                dot += q[j, t] * x[t]
-            if dot > best:
-                best = dot
-        out[c] = best / nrm
-    return touch
+        R = M // W
+        if rank > W or R == 0:
+            out[u] = np.partition(m, M - rank)[M - rank]
+            continue
+        col[:] = m[:W]
+        for r in range(1, R):
+            o = r * W
+            for c in range(W):
+                col[c] = m[o + c] if m[o + c] > col[c] else col[c]
+        L = np.sort(col)[W - rank]
+        n = 0
+        for j in range(M):
+            if m[j] >= L:
+                pick[n] = m[j]
+                n += 1
+        out[u] = np.partition(pick[:n], n - rank)[n - rank]
 
 
 @njit(nogil=True, cache=True)
-def _finish(buf_s, buf_i, cnt, keep, k, X, Q64, eps, complete, out_i, out_s, need_fallback):
+def _finish(buf_s, buf_i, buf_d, cnt, keep, k, eps, complete, out_i, out_s, need_fallback):
     """float32 candidates -> the best ``k`` by float64 score (index ascending among equal scores).
 
-    Per user: keep the best ``keep`` float32 candidates, rescore them in float64 (``Q64[u]`` ``[K, d]`` unit
-    vectors against the float64-normalised item rows of ``X``), sort stably by descending float64 score (the
+    Per user: keep the best ``keep`` float32 candidates, sort them stably by descending float64 score (the
     candidates are in index order, so ties stay in index order) and flag the user for the float64 fallback unless
     the ``k``-th float64 score beats every non-candidate's bound ``m32 + eps`` (or every eligible item is a
     candidate: ``complete[u]``).
@@ -243,12 +298,11 @@ def _finish(buf_s, buf_i, cnt, keep, k, X, Q64, eps, complete, out_i, out_s, nee
     for u in range(b):
         n = cnt[u]
         if n > keep:
-            n, _ = _compact(buf_s[u], buf_i[u], n, keep)
+            n, _ = _compact(buf_s[u], buf_i[u], buf_d[u], n, keep)
         if n == 0:
             continue
         m32 = buf_s[u, :n].min()
-        s64 = np.empty(n, np.float64)
-        _rescore64(buf_i[u, :n], X, Q64[u], s64)
+        s64 = buf_d[u, :n]
         order = np.argsort(-s64, kind="mergesort")  # stable: equal scores keep index order
         kk = min(k, n)
         for r in range(kk):
@@ -300,10 +354,17 @@ def _exclusion_csr(exclude: Sequence[Sequence[int]] | None, B: int, N: int) -> t
     return off, (np.concatenate(rows) if rows else np.zeros(0, np.int64))
 
 
-def _item_tile(items: np.ndarray, a: int, e: int, normalized: bool) -> torch.Tensor:
-    x = items[a:e]
-    x = np.ascontiguousarray(x, dtype=np.float32) if normalized else _normalize32(x)
-    return torch.from_numpy(x)
+def _item_tiles(items: np.ndarray, block: int, normalized: bool):
+    """Yield ``(a, e, float32 unit rows [e-a, d] as a tensor)``; rows of normalised C-contiguous items are views."""
+    N = items.shape[0]
+    whole = None
+    if normalized and items.flags.c_contiguous:
+        with warnings.catch_warnings():  # a read-only memmap: torch warns that it cannot write to it (it never does)
+            warnings.simplefilter("ignore", UserWarning)
+            whole = torch.from_numpy(items)
+    for a in range(0, N, block):
+        e = min(N, a + block)
+        yield a, e, (whole[a:e] if whole is not None else torch.from_numpy(_normalize32(items[a:e])))
 
 
 @dataclass
@@ -390,39 +451,39 @@ def search(
         rng = np.random.default_rng(cfg.seed)
         sample_ids = np.sort(rng.choice(N, size=M, replace=False)).astype(np.int64)
         sample_vecs = torch.from_numpy(_normalize32(X[sample_ids]))
-    item_tiles = [(a, min(N, a + cfg.item_block)) for a in range(0, N, cfg.item_block)]
 
     n_threads = cfg.threads or (os.cpu_count() or 1)
     lock = threading.Lock()
 
-    def scan(ub: np.ndarray, thr0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def scan(ub: np.ndarray, thr0: np.ndarray) -> tuple[np.ndarray, ...]:
         """Scan every item tile for users ``ub`` starting from thresholds ``thr0``."""
         b = len(ub)
         q = torch.from_numpy(np.ascontiguousarray(Q32.reshape(B, K, d)[ub].reshape(b * K, d)))
         thr = thr0.astype(np.float32).copy()
         buf_s = np.empty((b, cap), np.float32)
         buf_i = np.empty((b, cap), np.int64)
+        buf_d = np.empty((b, cap), np.float64)
+        q64 = np.ascontiguousarray(Q64[ub])
         cnt = np.zeros(b, np.int64)
         raised = np.zeros(b, np.bool_)
         ex_ptr = ex_off[ub].copy()
         ex_end = ex_off[ub + 1].copy()
         S = torch.empty((b * K, cfg.item_block), dtype=torch.float32)
-        m = np.empty(cfg.item_block, np.float32)
-        for a, e in item_tiles:
-            x = _item_tile(X, a, e, items_normalized)
+        cand = np.empty(cfg.item_block, np.int64)
+        for a, e, x in _item_tiles(X, cfg.item_block, items_normalized):
             s = S[:, : e - a]
             torch.mm(q, x.T, out=s)
-            _scan_tile(s.numpy(), K, a, thr, buf_s, buf_i, cnt, raised, keep, m, ex_items, ex_ptr, ex_end)
-        return buf_s, buf_i, cnt, raised, thr
+            _scan_tile(s.numpy(), K, a, thr, buf_s, buf_i, buf_d, cnt, raised, keep, cand, ex_items, ex_ptr, ex_end, X, q64)
+        return buf_s, buf_i, buf_d, cnt, raised
 
-    def finish(ub: np.ndarray, buf_s: np.ndarray, buf_i: np.ndarray, cnt: np.ndarray) -> None:
+    def finish(ub: np.ndarray, buf_s: np.ndarray, buf_i: np.ndarray, buf_d: np.ndarray, cnt: np.ndarray) -> None:
         """float32 candidates -> float64 order and exactness check (numba); float64 fallback where needed."""
         eligible = N - (ex_off[ub + 1] - ex_off[ub])
         complete = cnt >= eligible  # every eligible item is a candidate
         bi = np.full((len(ub), k), -1, np.int64)
         bs = np.full((len(ub), k), -np.inf, np.float32)
         fallback = np.zeros(len(ub), np.bool_)
-        _finish(buf_s, buf_i, cnt, keep, k, X, Q64[ub], eps, complete, bi, bs, fallback)
+        _finish(buf_s, buf_i, buf_d, cnt, keep, k, eps, complete, bi, bs, fallback)
         for r in np.flatnonzero(fallback):
             u = ub[r]
             with lock:
@@ -442,15 +503,15 @@ def search(
             torch.mm(q, sample_vecs.T, out=S)
             _sample_thresholds(S.numpy(), K, rank, sample_ids, ex_items, ex_off[u0 : u1 + 1] - ex_off[u0], thr0)
             thr0 = np.where(np.isneginf(thr0), -np.inf, thr0).astype(np.float32)
-        buf_s, buf_i, cnt, raised, _ = scan(ub, thr0)
+        buf_s, buf_i, buf_d, cnt, raised = scan(ub, thr0)
         # a user whose estimate was too high (fewer than `keep` items beat it, no compaction): scan from -inf
         redo = np.flatnonzero((cnt < keep) & ~raised & ~np.isneginf(thr0))
         if redo.size:
             with lock:
                 st.rescanned += int(redo.size)
-            rs, ri, rc, _, _ = scan(ub[redo], np.full(redo.size, -np.inf, np.float32))
-            buf_s[redo], buf_i[redo], cnt[redo] = rs, ri, rc
-        finish(ub, buf_s, buf_i, cnt)
+            rs, ri, rd, rc, _ = scan(ub[redo], np.full(redo.size, -np.inf, np.float32))
+            buf_s[redo], buf_i[redo], buf_d[redo], cnt[redo] = rs, ri, rd, rc
+        finish(ub, buf_s, buf_i, buf_d, cnt)
 
     blocks = [(u0, min(B, u0 + cfg.user_block)) for u0 in range(0, B, cfg.user_block)]
     prev = torch.get_num_threads()
