@@ -12,8 +12,8 @@ round; the summary uses each method's fastest round):
   (``faiss search``), plus the per-user max-merge of its K lists that makes it the same job (``faiss job``).
 * ``matmul floor``: computing every ``[users*vectors, items]`` score and nothing else, into preallocated outputs --
   the fastest of (a) ``torch.mm(out=...)`` with all threads over large tiles and (b) the engine's own tiling (one
-  BLAS thread per worker thread, cache-sized tiles).  No selection, no max over K: a lower bound of any exact
-  method that computes all scores.
+  BLAS thread per worker thread, cache-sized tiles) with numpy's OpenBLAS and with torch's MKL.  No selection, no
+  max over K: a lower bound of any exact method that computes all scores with these BLAS libraries.
 
 Checks: the engine's lists equal a float64 reference on ``--check-users`` users and faiss's merged lists on all
 (up to float32 near-ties, counted).  Then, unless ``--no-ann``, the FAISS ANN indexes (IVF-Flat, HNSW, IVF-PQ) are
@@ -67,8 +67,10 @@ def floor_big_tiles(Q: np.ndarray, X: np.ndarray, rows: int = 768, cols: int = 8
     return time.perf_counter() - t
 
 
-def floor_engine_tiles(Q: np.ndarray, X: np.ndarray, user_block: int, item_block: int, threads: int) -> float:
-    """All scores with the engine's tiling (one BLAS thread per worker, cache-sized tiles); returns seconds."""
+def floor_engine_tiles(Q: np.ndarray, X: np.ndarray, user_block: int, item_block: int, threads: int, blas: str) -> float:
+    """All scores with the engine's tiling (one BLAS thread per worker thread, cache-sized tiles); returns seconds."""
+    from threadpoolctl import threadpool_limits
+
     B, K, d = Q.shape
     x = torch.from_numpy(X)
     blocks = [(u, min(B, u + user_block)) for u in range(0, B, user_block)]
@@ -76,18 +78,23 @@ def floor_engine_tiles(Q: np.ndarray, X: np.ndarray, user_block: int, item_block
     def work(u0: int, u1: int) -> None:
         q = torch.from_numpy(np.ascontiguousarray(Q[u0:u1].reshape(-1, d)))
         S = torch.empty((q.shape[0], item_block))
+        Sn, qn = S.numpy(), q.numpy()
         for a in range(0, x.shape[0], item_block):
             xb = x[a : a + item_block]
-            torch.mm(q, xb.T, out=S[:, : xb.shape[0]])
+            if blas == "numpy":
+                np.dot(qn, xb.numpy().T, out=Sn if xb.shape[0] == item_block else np.empty((qn.shape[0], xb.shape[0]), np.float32))
+            else:
+                torch.mm(q, xb.T, out=S[:, : xb.shape[0]])
 
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        t = time.perf_counter()
-        with ThreadPoolExecutor(threads) as ex:
-            for f in [ex.submit(work, *b) for b in blocks]:
-                f.result()
-        return time.perf_counter() - t
+        with threadpool_limits(1, user_api="blas"):
+            t = time.perf_counter()
+            with ThreadPoolExecutor(threads) as ex:
+                for f in [ex.submit(work, *b) for b in blocks]:
+                    f.result()
+            return time.perf_counter() - t
     finally:
         torch.set_num_threads(prev)
 
@@ -146,7 +153,7 @@ def main() -> None:
     eng_ids = None
     for r in range(args.rounds):
         fb = floor_big_tiles(Q, X)
-        fe = floor_engine_tiles(Q, X, cfg.user_block, cfg.item_block, args.threads)
+        fe = min(floor_engine_tiles(Q, X, cfg.user_block, cfg.item_block, args.threads, blas) for blas in ("numpy", "torch"))
         st = SearchStats()
         t = time.perf_counter()
         eng_ids, _ = search(Q, X, args.k, config=cfg, items_normalized=True, stats=st)
@@ -155,7 +162,7 @@ def main() -> None:
         floor = min(fb, fe)
         rows.append((te, fs, fj, fb, fe, floor))
         print(f"round {r + 1}: engine {te:.2f} s | faiss-flat search {fs:.2f} s, job {fj:.2f} s | matmul floor "
-              f"{floor:.2f} s (big tiles {fb:.2f}, engine tiles {fe:.2f}) | engine/faiss-search {te / fs:.2f}, "
+              f"{floor:.2f} s (torch big tiles {fb:.2f}, engine tiles {fe:.2f}) | engine/faiss-search {te / fs:.2f}, "
               f"engine/floor {te / floor:.2f} | rescanned users {st.rescanned}, float64 fallbacks {st.float64_fallback}",
               flush=True)
     te, fs, fj = (min(x[i] for x in rows) for i in range(3))

@@ -20,8 +20,9 @@ def clustered(B: int, K: int, N: int, d: int = 16, seed: int = 0) -> tuple[np.nd
 SMALL = EngineConfig(user_block=5, item_block=300, margin=4, n_sample=600, threads=2)
 
 
-@pytest.mark.parametrize("cfg", [SMALL, EngineConfig(n_sample=0, threads=1, item_block=97), EngineConfig()],
-                         ids=["small-tiles", "no-sample", "defaults"])
+@pytest.mark.parametrize("cfg", [SMALL, EngineConfig(n_sample=0, threads=1, item_block=97), EngineConfig(),
+                                 EngineConfig(blas="torch", user_block=4, item_block=512)],
+                         ids=["small-tiles", "no-sample", "defaults", "torch-blas"])
 def test_equals_float64_reference(cfg: EngineConfig) -> None:
     Q, X = clustered(23, 3, 5000)
     st = SearchStats()

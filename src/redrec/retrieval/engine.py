@@ -34,6 +34,7 @@ the pool: items may be a ``np.memmap`` of 10M+ rows, read one ``item_block`` at 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -41,6 +42,7 @@ import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -63,6 +65,8 @@ class EngineConfig:
 
     Attributes:
         threads: worker threads (each runs a one-thread BLAS and the selection kernel); ``0`` = ``os.cpu_count()``.
+        blas: which library multiplies the tiles: ``numpy`` (its OpenBLAS, held to one thread per worker with
+            threadpoolctl; about 10% faster than torch's MKL on AMD here) or ``torch``.
         user_block: users per tile (``user_block * K`` query rows).
         item_block: items per tile.
         margin: extra candidates kept beyond ``k`` for the float64 check.
@@ -73,8 +77,9 @@ class EngineConfig:
     """
 
     threads: int = 0
-    user_block: int = 32
-    item_block: int = 2048
+    blas: Literal["numpy", "torch"] = "numpy"
+    user_block: int = 64
+    item_block: int = 1024
     margin: int = 32
     buffer_factor: int = 4
     n_sample: int = 16384
@@ -469,11 +474,17 @@ def search(
         ex_ptr = ex_off[ub].copy()
         ex_end = ex_off[ub + 1].copy()
         S = torch.empty((b * K, cfg.item_block), dtype=torch.float32)
+        Sn, qn = S.numpy(), q.numpy()
         cand = np.empty(cfg.item_block, np.int64)
         for a, e, x in _item_tiles(X, cfg.item_block, items_normalized):
-            s = S[:, : e - a]
-            torch.mm(q, x.T, out=s)
-            _scan_tile(s.numpy(), K, a, thr, buf_s, buf_i, buf_d, cnt, raised, keep, cand, ex_items, ex_ptr, ex_end, X, q64)
+            if use_numpy:  # np.dot wants a C-contiguous output: the last, narrower tile gets its own
+                s = Sn if e - a == cfg.item_block else np.empty((b * K, e - a), np.float32)
+                np.dot(qn, x.numpy().T, out=s)
+            else:
+                s = S[:, : e - a]
+                torch.mm(q, x.T, out=s)
+                s = s.numpy()
+            _scan_tile(s, K, a, thr, buf_s, buf_i, buf_d, cnt, raised, keep, cand, ex_items, ex_ptr, ex_end, X, q64)
         return buf_s, buf_i, buf_d, cnt, raised
 
     def finish(ub: np.ndarray, buf_s: np.ndarray, buf_i: np.ndarray, buf_d: np.ndarray, cnt: np.ndarray) -> None:
@@ -515,8 +526,15 @@ def search(
 
     blocks = [(u0, min(B, u0 + cfg.user_block)) for u0 in range(0, B, cfg.user_block)]
     prev = torch.get_num_threads()
+    use_numpy = cfg.blas == "numpy"
+    limiter = contextlib.nullcontext()
+    if use_numpy:
+        from threadpoolctl import threadpool_limits
+
+        limiter = threadpool_limits(1, user_api="blas")
     try:
         torch.set_num_threads(1)  # one BLAS thread per worker: the workers are the parallelism
+        limiter.__enter__()
         if n_threads == 1 or len(blocks) == 1:
             for u0, u1 in blocks:
                 work(u0, u1)
@@ -525,6 +543,7 @@ def search(
                 for f in [ex.submit(work, u0, u1) for u0, u1 in blocks]:
                     f.result()
     finally:
+        limiter.__exit__(None, None, None)
         torch.set_num_threads(prev)
     return out_i, out_s
 
