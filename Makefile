@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.redrec-installed
 TORCH  ?= torch==2.13.0
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test lint bench-import bench-train clean
+.PHONY: install demo test lint bench-import bench-train bench-retrieval clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ bench-import: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py
+
+bench-retrieval: $(STAMP)
+	$(BIN)/python benchmarks/bench_retrieval.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

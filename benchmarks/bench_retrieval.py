@@ -191,8 +191,7 @@ def main() -> None:
         qv = np.ascontiguousarray(Q.reshape(-1, args.dim)[:nq])
         kk = min(args.k, 100)
         exact, _ = search(qv[:, None, :], X, kk, config=cfg, items_normalized=True)
-        print(f"\nANN indexes: {nq} single query vectors, recall@{kk} vs exact, latency over "
-              f"{args.ann_latency_queries} single queries (1 thread)")
+        print()
         print(format_ann_table(ann_report(X, qv, exact, kk, n_latency=args.ann_latency_queries)))
 
 
