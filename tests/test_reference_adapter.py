@@ -63,5 +63,5 @@ def test_bad_reference_json(tmp_path, data, field, pattern):
 def test_truncated_json(tmp_path):
     p = tmp_path / "user_lastn.json"
     p.write_text(json.dumps(DATA)[:-20])
-    with pytest.raises(DataError, match="not valid JSON"):
+    with pytest.raises(DataError, match="invalid JSON"):
         import_reference_json(p, tmp_path / "st", progress=False)

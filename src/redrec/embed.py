@@ -42,7 +42,6 @@ part that exists and verifies (shapes, rows, crc32); a part that fails verificat
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -58,6 +57,7 @@ import numpy as np
 
 from redrec.config import from_dict, set_dotted, to_dict
 from redrec.errors import ConfigError, DataError
+from redrec.fileio import sha256_file
 
 FORMAT = "redrec-embeddings"
 VERSION = 1
@@ -227,14 +227,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise DataError(path, "format", f"expected {FORMAT!r}, got {d.get('format') if isinstance(d, dict) else d!r}")
     return d
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _crc(tensors: dict[str, np.ndarray]) -> str:
@@ -477,7 +469,7 @@ def _base_manifest(kind: str, model, model_dir: Path, source: Path, store, cfg: 
         "vectors_per_row": 1 if kind == "items" else int(model.cfg.n_queries),
         "store": str(Path(store.path).resolve()), "n_rows": int(n_rows), "world_size": int(world),
         "source": str(source.resolve()), "protocol": None, "created": _now(), "merged": False,
-        "config": to_dict(cfg), "model_sha256": _sha256(model_dir / "model.safetensors"),
+        "config": to_dict(cfg), "model_sha256": sha256_file(model_dir / "model.safetensors"),
         "store_fingerprint": _store_fingerprint(store),
     }
 

@@ -37,6 +37,27 @@ def _list_keys(data: dict[str, Any]) -> list[str]:
     return keys
 
 
+def read_lastn_json(path: str | Path) -> dict:
+    """The parsed ``user_lastn.json`` object ``{user_id: {list name: [event, ...]}}`` (shape not checked further).
+
+    Raises:
+        DataError: missing file, truncated or invalid JSON, not UTF-8, not a JSON object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, "file not found" if not path.exists() else "not a regular file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(path, None, f"invalid JSON (truncated file?): {e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, None, f"not UTF-8 text: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(path, None, f"expected an object {{user_id: {{...}}}}, got a JSON {type(data).__name__}")
+    return data
+
+
 def import_reference_json(
     path: str | Path,
     out: str | Path,
@@ -50,16 +71,7 @@ def import_reference_json(
     """Import ``user_lastn.json`` into an event store (targets flagged in the ``target`` column)."""
     path = Path(path)
     check_output(out, overwrite)
-    if not path.is_file():
-        raise DataError(path, None, "no such file")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(path, None, f"not valid JSON: {e}") from None
-    except UnicodeDecodeError as e:
-        raise DataError(path, None, f"not UTF-8 text: {e}") from None
-    if not isinstance(data, dict):
-        raise DataError(path, None, f"expected an object {{user_id: {{...}}}}, got {type(data).__name__}")
+    data = read_lastn_json(path)
     keys = _list_keys(data)
     if not any(k.endswith("_lastn") for k in keys):
         raise DataError(path, "homefeed_noteid_lastn", "no history list found (no key ending in '_lastn')")

@@ -55,7 +55,6 @@ does the same).  Tensors pickled on a CUDA device are loaded onto the CPU (see :
 from __future__ import annotations
 
 import io
-import json
 import pickle
 import sys
 import threading
@@ -68,6 +67,7 @@ from typing import Any
 
 import numpy as np
 
+from redrec.data.reference import read_lastn_json
 from redrec.errors import DataError
 
 BLOCK = 64  #: eval.py views a user embedding as [-1, 64]
@@ -233,17 +233,7 @@ def load_user_lastn(path: str | Path) -> UserLastN:
             event that is not an object or has no ``note_id``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, None, "file not found" if not path.exists() else "not a regular file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(path, None, f"invalid JSON (truncated file?): {e}") from e
-    except UnicodeDecodeError as e:
-        raise DataError(path, None, f"not UTF-8 text: {e}") from e
-    if not isinstance(data, dict):
-        raise DataError(path, None, f"expected an object {{user_id: {{...}}}}, got a JSON {type(data).__name__}")
+    data = read_lastn_json(path)
     targets: dict[str, list] = {}
     events: dict[str, dict[str, list[dict]]] = {}
     for uid, rec in data.items():

@@ -154,6 +154,16 @@ def _cos64(X, row, q):
     return best / max(np.sqrt(nrm), 1e-300)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _max_k(S, r0, K, j):
+    """``max(S[r0, j], ..., S[r0 + K - 1, j])``: one item's score for one user."""
+    v = S[r0, j]
+    for k in range(1, K):
+        w = S[r0 + k, j]
+        v = w if w > v else v
+    return v
+
+
 @njit(nogil=True, fastmath=_FASTMATH, cache=True)
 def _scan_tile(S, K, a, thr, buf_s, buf_i, buf_d, cnt, raised, keep, cand, ex_items, ex_ptr, ex_end, X, Q64):
     """Consume one score tile ``S`` ``[b*K, C]`` (rows ``u*K .. u*K+K-1`` are user u; columns are items ``a + j``).
@@ -194,19 +204,11 @@ def _scan_tile(S, K, a, thr, buf_s, buf_i, buf_d, cnt, raised, keep, cand, ex_it
                 if col[c] > t:
                     for r in range(R):
                         j = r * W + c
-                        v = S[r0, j]
-                        for k in range(1, K):
-                            w = S[r0 + k, j]
-                            v = w if w > v else v
-                        if v > t:
+                        if _max_k(S, r0, K, j) > t:
                             cand[nc] = j
                             nc += 1
         for j in range(R * W, C):  # the tail that does not fill a fold row
-            v = S[r0, j]
-            for k in range(1, K):
-                w = S[r0 + k, j]
-                v = w if w > v else v
-            if v > t:
+            if _max_k(S, r0, K, j) > t:
                 cand[nc] = j
                 nc += 1
         if nc == 0:
@@ -220,10 +222,7 @@ def _scan_tile(S, K, a, thr, buf_s, buf_i, buf_d, cnt, raised, keep, cand, ex_it
             cand[z + 1] = x
         for q in range(nc):
             j = cand[q]
-            v = S[r0, j]
-            for k in range(1, K):
-                w = S[r0 + k, j]
-                v = w if w > v else v
+            v = _max_k(S, r0, K, j)
             if not v > t:  # the threshold may have risen (compaction) since the survivor was found
                 continue
             item = a + j

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -64,6 +63,7 @@ import numpy as np
 from redrec.config import from_dict, to_dict
 from redrec.errors import ConfigError, DataError
 from redrec.eval.metrics import as_ragged
+from redrec.fileio import sha256_file
 
 IndexKind = Literal["flat", "ivf_flat", "hnsw", "ivf_pq"]
 KINDS: tuple[str, ...] = ("flat", "ivf_flat", "hnsw", "ivf_pq")
@@ -289,14 +289,6 @@ def _merge(ids: np.ndarray, scores: np.ndarray, b: int, k: int, exc_rows: np.nda
     out_i[rows[sel], pos[sel]] = ii[sel]
     out_s[rows[sel], pos[sel]] = ss[sel]
     return out_i, out_s
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -605,7 +597,7 @@ class Index:
                 "config": to_dict(self._config),
                 "index_file": INDEX_FILE,
                 "index_bytes": (tmp / INDEX_FILE).stat().st_size,
-                "index_sha256": _sha256(tmp / INDEX_FILE),
+                "index_sha256": sha256_file(tmp / INDEX_FILE),
                 "faiss_version": getattr(faiss, "__version__", "unknown"),
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -674,7 +666,7 @@ class Index:
         if size != meta["index_bytes"]:
             raise DataError(fpath, None, f"truncated or modified: {size} bytes, {META_FILE} says "
                             f"{meta['index_bytes']}")
-        if verify and meta.get("index_sha256") and _sha256(fpath) != meta["index_sha256"]:
+        if verify and meta.get("index_sha256") and sha256_file(fpath) != meta["index_sha256"]:
             raise DataError(fpath, None, f"corrupt: SHA-256 differs from the one in {META_FILE}")
         try:
             idx = faiss.read_index(str(fpath))
