@@ -1,0 +1,1 @@
+"""Online serving: the history store (:mod:`redrec.serve.history`) and the recommendation service."""

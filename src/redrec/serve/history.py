@@ -1,0 +1,809 @@
+"""The serving history store: each user's recent interactions, kept per scenario, durable once acknowledged.
+
+The recommendation service appends the events it is told about (:meth:`HistoryStore.append`) and reads a
+user's kept events back (:meth:`HistoryStore.get`) to build the model input with the same
+:func:`redrec.mixing.mix` as training.  Only the last ``max_per_scenario`` events of every (user, scenario)
+are kept -- mixing only ever looks at the last ``n_s`` events of each scenario, so ``max_per_scenario``
+must be at least the largest quota (the paper's budget is 128).
+
+Two backends share the :class:`HistoryStore` interface:
+
+* :class:`SQLiteHistoryStore` -- one file (WAL journal, ``synchronous=FULL``: a returned append survives a
+  crash or power loss), thread-safe, several processes may share the file.
+* :class:`RedisHistoryStore` -- one sorted set per (user, scenario), written in ``MULTI``/``EXEC``
+  transactions; durable only with ``appendonly yes`` + ``appendfsync always`` (see the class).
+
+:func:`open_history_store` opens either from a URL, and :func:`to_user_events` turns a user's kept events into
+the training store's :class:`~redrec.data.store.UserEvents` (item, scenario and action indices of a given
+:class:`~redrec.data.store.EventStore`), ready for :func:`~redrec.mixing.mix` and
+:func:`~redrec.data.batching.user_sequence`.
+
+Events are identified by external ids and names (item id, scenario name, action names), not by the indices
+of one training store, so a history survives a new model/store; resolving them is :func:`to_user_events`'s
+job.  Ordering everywhere is by timestamp, then by arrival (ties keep the order they were appended in).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from redrec.data.store import EventStore, UserEvents
+from redrec.errors import DataError
+
+__all__ = [
+    "Event",
+    "HistoryError",
+    "HistoryStore",
+    "SQLiteHistoryStore",
+    "RedisHistoryStore",
+    "open_history_store",
+    "to_user_events",
+    "events_from_store",
+    "item_lookup",
+    "check_event",
+    "check_user",
+    "MAX_TIMESTAMP",
+    "MAX_NAME_LEN",
+]
+
+#: Largest accepted timestamp (int64, the training store's dtype).
+MAX_TIMESTAMP = 2**63 - 1
+#: Longest accepted user id, item id, scenario name or action name (characters).
+MAX_NAME_LEN = 1024
+DEFAULT_MAX_EVENTS_PER_APPEND = 10_000
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+SQLITE_FORMAT = "redrec-history"
+SQLITE_VERSION = 1
+
+
+class HistoryError(ValueError):
+    """An invalid event, user id or argument given to a history store (or a use of a closed store).
+
+    Attributes:
+        field: the offending field (``user``, ``item``, ``scenario``, ``timestamp``, ``actions``,
+            ``duration``, ``events``, ...).
+        problem: what is wrong, with the offending value.
+        index: position of the event in the call's batch, when the problem is one event's.
+    """
+
+    def __init__(self, field: str, problem: str, index: int | None = None):
+        self.field = field
+        self.problem = problem
+        self.index = index
+        where = f"event {index}: " if index is not None else ""
+        super().__init__(f"{where}field '{field}': {problem}")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One interaction, by external ids and names.
+
+    Attributes:
+        item: external item id (the training store's ``item_id``).
+        scenario: scenario name (``homefeed``, ``ads``, ...).
+        timestamp: unix seconds, or the store's ordinal unit; a non-negative int.
+        actions: engagement flag names, e.g. ``("click", "like")`` (a list is turned into a tuple).
+        duration: dwell seconds, finite and >= 0 (0 when unknown).
+    """
+
+    item: str
+    scenario: str
+    timestamp: int
+    actions: tuple[str, ...] = ()
+    duration: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.actions, (list, np.ndarray)):
+            object.__setattr__(self, "actions", tuple(self.actions))
+
+
+# one event as the backends store it: (user, scenario, timestamp, item, actions, duration)
+_Row = tuple[str, str, int, str, tuple[str, ...], float]
+
+
+def _check_name(value: Any, field: str, index: int | None) -> str:
+    if not isinstance(value, str):
+        raise HistoryError(field, f"must be a string, got {type(value).__name__} {value!r}", index)
+    if not value:
+        raise HistoryError(field, "must be a non-empty string", index)
+    if len(value) > MAX_NAME_LEN:
+        raise HistoryError(field, f"is {len(value)} characters long; at most {MAX_NAME_LEN}", index)
+    return value
+
+
+def check_user(user: Any) -> str:
+    """``user`` if it is a valid user id, else :class:`HistoryError`."""
+    return _check_name(user, "user", None)
+
+
+def check_event(event: Any, index: int | None = None) -> tuple[str, str, int, tuple[str, ...], float]:
+    """Validate one event; returns its normalized ``(item, scenario, timestamp, actions, duration)``.
+
+    Raises:
+        HistoryError: naming the field (and ``index``) when the event is invalid.
+    """
+    if not isinstance(event, Event):
+        raise HistoryError("event", f"expected an Event, got {type(event).__name__}", index)
+    item = _check_name(event.item, "item", index)
+    scenario = _check_name(event.scenario, "scenario", index)
+    ts = event.timestamp
+    if isinstance(ts, (bool, np.bool_)) or not isinstance(ts, (int, np.integer)):
+        raise HistoryError("timestamp", f"must be an int, got {type(ts).__name__} {ts!r}", index)
+    ts = int(ts)
+    if not 0 <= ts <= MAX_TIMESTAMP:
+        raise HistoryError("timestamp", f"must be in [0, 2**63), got {ts}", index)
+    actions = event.actions
+    if isinstance(actions, str) or not isinstance(actions, tuple):
+        raise HistoryError("actions", f"must be a tuple of action names, got {type(actions).__name__} {actions!r}", index)
+    for a in actions:
+        _check_name(a, "actions", index)
+    dur = event.duration
+    if isinstance(dur, (bool, np.bool_)) or not isinstance(dur, (int, float, np.integer, np.floating)):
+        raise HistoryError("duration", f"must be a number, got {type(dur).__name__} {dur!r}", index)
+    dur = float(dur)
+    if not math.isfinite(dur) or dur < 0:
+        raise HistoryError("duration", f"must be finite and >= 0, got {dur}", index)
+    return item, scenario, ts, actions, dur
+
+
+class HistoryStore(ABC):
+    """Each user's kept events: the last ``max_per_scenario`` of every scenario.
+
+    Implementations are thread-safe.  Use as a context manager, or call :meth:`close`.
+
+    Args:
+        max_per_scenario: events kept per (user, scenario); older ones are deleted when newer ones arrive and
+            are never returned.
+        max_events_per_append: most events one :meth:`append` / :meth:`append_many` call may carry.
+    """
+
+    def __init__(self, max_per_scenario: int = 128, max_events_per_append: int = DEFAULT_MAX_EVENTS_PER_APPEND):
+        for name, v in (("max_per_scenario", max_per_scenario), ("max_events_per_append", max_events_per_append)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise HistoryError(name, f"must be an int >= 1, got {v!r}")
+        self.max_per_scenario = int(max_per_scenario)
+        self.max_events_per_append = int(max_events_per_append)
+        self._closed = False
+
+    # -- public API ------------------------------------------------------------------------------------------
+    def append(self, user: str, events: Sequence[Event]) -> int:
+        """Store ``events`` of ``user`` in one transaction; durable when it returns.
+
+        Returns:
+            the number of events written (events older than the user's kept window of their scenario are
+            trimmed right away, and are never returned).
+
+        Raises:
+            HistoryError: an invalid user id or event (nothing is stored then), or too many events.
+        """
+        check_user(user)
+        if isinstance(events, Event):
+            raise HistoryError("events", "expected a sequence of Event, got a single Event")
+        return self.append_many([(user, e) for e in events])
+
+    def append_many(self, batch: Sequence[tuple[str, Event]]) -> int:
+        """Store ``(user, event)`` pairs of many users in one transaction (all or nothing); durable when it
+        returns.  Events of one user keep their order in ``batch`` as arrival order."""
+        self._check_open()
+        batch = list(batch)
+        if len(batch) > self.max_events_per_append:
+            raise HistoryError(
+                "events", f"{len(batch)} events in one append; at most {self.max_events_per_append} "
+                "(max_events_per_append)",
+            )
+        rows: list[_Row] = []
+        for i, pair in enumerate(batch):
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise HistoryError("batch", f"expected (user, Event) pairs, got {type(pair).__name__}", i)
+            user, event = pair
+            _check_name(user, "user", i)
+            item, scenario, ts, actions, dur = check_event(event, i)
+            rows.append((user, scenario, ts, item, actions, dur))
+        if not rows:
+            return 0
+        self._write(rows)
+        return len(rows)
+
+    def get(self, user: str) -> list[Event]:
+        """The kept events of ``user``, oldest first (by timestamp, then arrival); ``[]`` for an unknown user."""
+        return self.get_many([user])[0]
+
+    def get_many(self, users: Sequence[str]) -> list[list[Event]]:
+        """:meth:`get` of each of ``users`` (one snapshot where the backend allows)."""
+        self._check_open()
+        users = [users] if isinstance(users, str) else list(users)
+        for u in users:
+            check_user(u)
+        if not users:
+            return []
+        return self._read(users)
+
+    @abstractmethod
+    def n_users(self) -> int:
+        """Number of users with at least one stored event."""
+
+    def close(self) -> None:
+        """Release connections (idempotent).  Call once no other thread uses the store."""
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> HistoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- for the backends ------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise HistoryError("store", f"{type(self).__name__} is closed")
+
+    @abstractmethod
+    def _write(self, rows: list[_Row]) -> None:
+        """Store validated rows atomically and durably, then trim each touched (user, scenario)."""
+
+    @abstractmethod
+    def _read(self, users: list[str]) -> list[list[Event]]:
+        """Kept events of each user, oldest first, at most ``max_per_scenario`` per scenario."""
+
+    def _keep_last(self, events: list[Event]) -> list[Event]:
+        """Drop all but the last ``max_per_scenario`` events of each scenario (``events`` oldest first); for
+        data written with a larger limit than this store's."""
+        n = self.max_per_scenario
+        if len(events) <= n:
+            return events
+        counts: dict[str, int] = {}
+        keep = []
+        for e in reversed(events):
+            c = counts.get(e.scenario, 0) + 1
+            counts[e.scenario] = c
+            if c <= n:
+                keep.append(e)
+        keep.reverse()
+        return keep
+
+
+def _encode_actions(actions: tuple[str, ...]) -> str:
+    return json.dumps(actions, ensure_ascii=False, separators=(",", ":")) if actions else ""
+
+
+def _decode_actions(text: str) -> tuple[str, ...]:
+    return tuple(json.loads(text)) if text else ()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SQLite
+# ---------------------------------------------------------------------------------------------------------------
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS users(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)",
+    "CREATE TABLE IF NOT EXISTS scenarios(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)",
+    # seq (the rowid) is the arrival order: SQLite gives each new row max(rowid) + 1
+    "CREATE TABLE IF NOT EXISTS events(seq INTEGER PRIMARY KEY, user INTEGER NOT NULL, scenario INTEGER NOT NULL, "
+    "ts INTEGER NOT NULL, item TEXT NOT NULL, actions TEXT NOT NULL, duration REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS events_by_user ON events(user, scenario, ts, seq)",
+)
+_TRIM = (
+    "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE user = ?1 AND scenario = ?2 "
+    "ORDER BY ts DESC, seq DESC LIMIT -1 OFFSET ?3)"
+)
+_READ = (
+    "SELECT s.name, e.ts, e.item, e.actions, e.duration FROM events e JOIN scenarios s ON s.id = e.scenario "
+    "WHERE e.user = (SELECT id FROM users WHERE name = ?) ORDER BY e.ts, e.seq"
+)
+
+
+class SQLiteHistoryStore(HistoryStore):
+    """History in one SQLite file (or in memory).
+
+    Table ``events(seq, user, scenario, ts, item, actions, duration)`` with an index on
+    ``(user, scenario, ts, seq)``; each append inserts its rows and deletes, per touched (user, scenario),
+    the rows beyond the last ``max_per_scenario`` (an index range, no scan), all in one ``BEGIN IMMEDIATE``
+    transaction.  The WAL journal lets readers run while a writer commits.
+
+    Thread safety: every thread gets its own connection (connections of finished threads are closed); the
+    writers of this process take turns on a lock, writers of other processes wait up to ``timeout`` seconds
+    for SQLite's file lock.  ``":memory:"`` is one connection shared under that lock (tests, demos).
+
+    Durability: ``synchronous="FULL"`` (default) fsyncs the WAL at every commit, so a returned append
+    survives a process kill and a power loss; ``"NORMAL"`` survives a process kill but may lose the last
+    commits on power loss (faster).
+
+    Args:
+        path: database file (its folder is created), or ``":memory:"``.
+        max_per_scenario: events kept per (user, scenario).
+        synchronous: SQLite ``PRAGMA synchronous``: ``OFF``, ``NORMAL``, ``FULL`` or ``EXTRA``.
+        max_events_per_append: most events in one append call.
+        timeout: seconds to wait for another process's write lock.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        max_per_scenario: int = 128,
+        synchronous: str = "FULL",
+        *,
+        max_events_per_append: int = DEFAULT_MAX_EVENTS_PER_APPEND,
+        timeout: float = 30.0,
+    ):
+        super().__init__(max_per_scenario, max_events_per_append)
+        sync = str(synchronous).upper()
+        if sync not in SYNCHRONOUS_MODES:
+            raise HistoryError("synchronous", f"must be one of {list(SYNCHRONOUS_MODES)}, got {synchronous!r}")
+        self.synchronous = sync
+        self.timeout = float(timeout)
+        self.memory = str(path) == ":memory:"
+        self.path: str | Path = ":memory:" if self.memory else Path(path)
+        self._lock = threading.RLock()  # this process's writers (and every use of the :memory: connection)
+        self._local = threading.local()
+        self._conns: dict[int, tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = {}
+        self._conns_lock = threading.Lock()
+        self._shared: sqlite3.Connection | None = None
+        if not self.memory:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = self._connect()
+            if self.memory:
+                self._shared = conn
+            else:
+                self._register(conn)
+            self._init_schema(conn)
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise HistoryError("path", f"{str(self.path)!r} is not a usable history database: {e}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    # -- connections -----------------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            str(self.path), timeout=self.timeout, isolation_level=None, check_same_thread=False
+        )
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        return conn
+
+    def _register(self, conn: sqlite3.Connection) -> None:
+        with self._conns_lock:
+            for key, (thread_ref, c) in list(self._conns.items()):  # close connections of finished threads
+                t = thread_ref()
+                if t is None or not t.is_alive():
+                    c.close()
+                    del self._conns[key]
+            self._conns[id(conn)] = (weakref.ref(threading.current_thread()), conn)
+        self._local.conn = conn
+
+    def _conn(self) -> sqlite3.Connection:
+        self._check_open()
+        if self._shared is not None:
+            return self._shared
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._register(conn)
+        return conn
+
+    def _read_lock(self) -> Any:
+        return self._lock if self.memory else nullcontext()
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        if not self.memory:
+            conn.execute("PRAGMA journal_mode=WAL")  # persistent in the file; needs no open transaction
+        with self._lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                conn.executemany(
+                    "INSERT OR IGNORE INTO meta VALUES (?, ?)",
+                    [("format", SQLITE_FORMAT), ("version", str(SQLITE_VERSION))],
+                )
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                if meta.get("format") != SQLITE_FORMAT or meta.get("version") != str(SQLITE_VERSION):
+                    raise HistoryError(
+                        "path", f"{str(self.path)!r} holds format {meta.get('format')!r} version "
+                        f"{meta.get('version')!r}, expected {SQLITE_FORMAT!r} version {SQLITE_VERSION}",
+                    )
+                for stmt in _SCHEMA:
+                    conn.execute(stmt)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    # -- writes and reads ------------------------------------------------------------------------------------
+    def _write(self, rows: list[_Row]) -> None:
+        with self._lock:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                user_ids = {u: self._name_id(conn, "users", u) for u in dict.fromkeys(r[0] for r in rows)}
+                scen_ids = {s: self._name_id(conn, "scenarios", s) for s in dict.fromkeys(r[1] for r in rows)}
+                conn.executemany(
+                    "INSERT INTO events(user, scenario, ts, item, actions, duration) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(user_ids[u], scen_ids[s], ts, item, _encode_actions(a), d) for u, s, ts, item, a, d in rows],
+                )
+                for u, s in dict.fromkeys((r[0], r[1]) for r in rows):
+                    conn.execute(_TRIM, (user_ids[u], scen_ids[s], self.max_per_scenario))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _name_id(conn: sqlite3.Connection, table: str, name: str) -> int:
+        row = conn.execute(f"SELECT id FROM {table} WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        return int(conn.execute(f"INSERT INTO {table}(name) VALUES (?)", (name,)).lastrowid)
+
+    def _read(self, users: list[str]) -> list[list[Event]]:
+        with self._read_lock():
+            conn = self._conn()
+            snapshot = len(users) > 1 and not conn.in_transaction
+            if snapshot:
+                conn.execute("BEGIN")  # one read snapshot for all users
+            try:
+                out = []
+                for u in users:
+                    events = [
+                        Event(item, scen, ts, _decode_actions(actions), dur)
+                        for scen, ts, item, actions, dur in conn.execute(_READ, (u,))
+                    ]
+                    out.append(self._keep_last(events))
+            finally:
+                if snapshot and conn.in_transaction:
+                    conn.execute("COMMIT")
+        return out
+
+    def n_users(self) -> int:
+        with self._read_lock():
+            return int(self._conn().execute("SELECT COUNT(*) FROM users").fetchone()[0])
+
+    def close(self) -> None:
+        super().close()
+        with self._conns_lock:
+            for _, conn in self._conns.values():
+                conn.close()
+            self._conns.clear()
+        if self._shared is not None:
+            with self._lock:
+                self._shared.close()
+            self._shared = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteHistoryStore({str(self.path)!r}, max_per_scenario={self.max_per_scenario})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Redis
+# ---------------------------------------------------------------------------------------------------------------
+class RedisHistoryStore(HistoryStore):
+    """History in Redis: one sorted set per (user, scenario).
+
+    Keys (``P`` = ``prefix``): ``P ev:<len(user)>:<user>:<scenario>`` (sorted set of the kept events),
+    ``P sc:<user>`` (set of the user's scenarios), ``P users`` (set of users), ``P seq`` (arrival counter).
+    Every member has score 0 and reads ``<timestamp: 16 hex><seq: 16 hex><json [item, actions, duration]>``,
+    so Redis orders a set by (timestamp, arrival) exactly (no float rounding of large timestamps) and
+    ``ZREMRANGEBYRANK key 0 -(N+1)`` keeps the last N.  An append reserves its arrival numbers with
+    ``INCRBY`` and then writes all its sets and trims them in one ``MULTI``/``EXEC`` transaction (all or
+    nothing; a single Redis node, not Redis Cluster).  A read is two pipelined round trips (the user's
+    scenarios, then their sets).
+
+    Durability -- an acknowledged append survives a Redis crash or restart only when the server runs with
+    ``appendonly yes`` and ``appendfsync always`` (Redis then fsyncs the append-only file before it answers
+    ``EXEC``).  With the default ``appendfsync everysec`` up to about a second of acknowledged appends can be
+    lost on a crash, and with RDB snapshots alone (``save ...``) everything since the last snapshot.  Keep
+    ``aof-load-truncated yes`` (the default: a transaction cut by the crash is dropped, not an error) and
+    ``maxmemory-policy noeviction`` (otherwise Redis may evict histories when memory is full).
+
+    Args:
+        url: ``redis://[:password@]host:port/db``, ``rediss://...`` or ``unix:///path.sock?db=0``.
+        max_per_scenario: events kept per (user, scenario).
+        prefix: prefix of every key (several stores can share a database).
+        max_events_per_append: most events in one append call.
+        socket_timeout: seconds before a command without an answer fails.
+        client: an existing ``redis.Redis`` (``url`` is then ignored).
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        max_per_scenario: int = 128,
+        prefix: str = "redrec:",
+        *,
+        max_events_per_append: int = DEFAULT_MAX_EVENTS_PER_APPEND,
+        socket_timeout: float | None = 10.0,
+        client: Any = None,
+    ):
+        super().__init__(max_per_scenario, max_events_per_append)
+        try:
+            import redis
+        except ImportError:
+            raise ImportError("RedisHistoryStore needs the redis client: pip install redis") from None
+        self.url = url
+        self.prefix = str(prefix)
+        self._redis = redis
+        if client is None:
+            client = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout)
+        self._r = client
+        try:
+            self._r.ping()
+        except redis.exceptions.ConnectionError as e:
+            self._r.close()
+            raise ConnectionError(f"cannot reach Redis at {url}: {e}") from None
+
+    def _ev_key(self, user: str, scenario: str) -> str:
+        return f"{self.prefix}ev:{len(user)}:{user}:{scenario}"
+
+    def _sc_key(self, user: str) -> str:
+        return f"{self.prefix}sc:{user}"
+
+    def _write(self, rows: list[_Row]) -> None:
+        last = int(self._r.incrby(f"{self.prefix}seq", len(rows)))
+        seq = last - len(rows) + 1
+        groups: dict[tuple[str, str], dict[bytes, float]] = {}
+        for user, scenario, ts, item, actions, dur in rows:
+            payload = json.dumps([item, list(actions), dur], ensure_ascii=False, separators=(",", ":"))
+            groups.setdefault((user, scenario), {})[f"{ts:016x}{seq:016x}{payload}".encode()] = 0.0
+            seq += 1
+        pipe = self._r.pipeline(transaction=True)
+        for (user, scenario), members in groups.items():
+            key = self._ev_key(user, scenario)
+            pipe.zadd(key, members)
+            pipe.zremrangebyrank(key, 0, -(self.max_per_scenario + 1))
+            pipe.sadd(self._sc_key(user), scenario)
+        pipe.sadd(f"{self.prefix}users", *dict.fromkeys(r[0] for r in rows))
+        pipe.execute()
+
+    def _read(self, users: list[str]) -> list[list[Event]]:
+        pipe = self._r.pipeline(transaction=False)
+        for u in users:
+            pipe.smembers(self._sc_key(u))
+        scen_sets = [sorted(_text(s) for s in members) for members in pipe.execute()]
+        pipe = self._r.pipeline(transaction=False)
+        for u, scens in zip(users, scen_sets, strict=True):
+            for s in scens:
+                pipe.zrange(self._ev_key(u, s), -self.max_per_scenario, -1)
+        sets = iter(pipe.execute())
+        out = []
+        for scens in scen_sets:
+            keyed = []
+            for s in scens:
+                for m in next(sets):
+                    m = _text(m)
+                    item, actions, dur = json.loads(m[32:])
+                    keyed.append((m[:32], Event(item, s, int(m[:16], 16), tuple(actions), float(dur))))
+            keyed.sort(key=lambda x: x[0])
+            out.append([e for _, e in keyed])
+        return out
+
+    def n_users(self) -> int:
+        self._check_open()
+        return int(self._r.scard(f"{self.prefix}users"))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._r.close()
+        super().close()
+
+    def __repr__(self) -> str:
+        return f"RedisHistoryStore({self.url!r}, max_per_scenario={self.max_per_scenario}, prefix={self.prefix!r})"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def open_history_store(url: str, max_per_scenario: int = 128, **options: Any) -> HistoryStore:
+    """Open a history store from a URL.
+
+    * ``sqlite:///abs/path.db`` (absolute), ``sqlite://relative.db`` (relative to the working directory),
+      ``:memory:`` or ``sqlite://:memory:`` (in memory, lost on exit) -> :class:`SQLiteHistoryStore`;
+    * ``redis://host:port/db``, ``rediss://...``, ``unix:///path.sock`` -> :class:`RedisHistoryStore`.
+
+    ``options`` go to the backend (``synchronous``, ``timeout``, ``prefix``, ``max_events_per_append``, ...).
+    """
+    if not isinstance(url, str) or not url:
+        raise HistoryError("url", f"must be a non-empty string, got {url!r}")
+    if url in (":memory:", "sqlite://:memory:", "sqlite:///:memory:"):
+        return SQLiteHistoryStore(":memory:", max_per_scenario, **options)
+    if url.startswith("sqlite://"):
+        path = url[len("sqlite://") :]
+        if not path:
+            raise HistoryError("url", f"{url!r} names no database file (sqlite:///abs/path.db or sqlite://rel.db)")
+        return SQLiteHistoryStore(path, max_per_scenario, **options)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisHistoryStore(url, max_per_scenario, **options)
+    raise HistoryError(
+        "url", f"unsupported history store {url!r}; use sqlite:///abs/path.db, sqlite://relative.db, :memory: "
+        "or redis://host:port/db",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# conversion to the training store's representation
+# ---------------------------------------------------------------------------------------------------------------
+class _SortedItemIds:
+    """Item id -> index of one store, by binary search over the sorted ids (built once per store)."""
+
+    def __init__(self, store: EventStore):
+        ids = np.asarray(store.item_ids, dtype=object)
+        self.order = np.argsort(ids, kind="stable")
+        self.sorted_ids = ids[self.order]
+
+    def __call__(self, item_ids: Sequence[str]) -> np.ndarray:
+        q = np.empty(len(item_ids), dtype=object)
+        q[:] = [str(i) for i in item_ids]
+        n = len(self.sorted_ids)
+        if n == 0 or len(q) == 0:
+            return np.full(len(q), -1, np.int64)
+        pos = np.minimum(np.searchsorted(self.sorted_ids, q), n - 1)
+        found = self.sorted_ids[pos] == q
+        return np.where(found, self.order[pos], -1).astype(np.int64)
+
+
+_ITEM_LOOKUPS: weakref.WeakKeyDictionary[EventStore, _SortedItemIds] = weakref.WeakKeyDictionary()
+_ITEM_LOOKUPS_LOCK = threading.Lock()
+
+
+def item_lookup(store: EventStore) -> Callable[[Sequence[str]], np.ndarray]:
+    """A fast ``store.item_index`` equivalent (ids -> int64 indices, -1 unknown), cached per store.
+
+    :meth:`EventStore.item_index` hashes the whole item table on every call (~150 ms per call at 1M items);
+    this sorts the ids once and answers a user's few hundred ids by binary search (well under a millisecond).
+    """
+    with _ITEM_LOOKUPS_LOCK:
+        lookup = _ITEM_LOOKUPS.get(store)
+        if lookup is None:
+            lookup = _ITEM_LOOKUPS[store] = _SortedItemIds(store)
+    return lookup
+
+
+def _check_policy(name: str, value: str) -> None:
+    if value not in ("drop", "error"):
+        raise HistoryError(name, f"must be 'drop' or 'error', got {value!r}")
+
+
+def to_user_events(
+    events: Sequence[Event],
+    store: EventStore,
+    *,
+    user_id: str = "",
+    unknown_items: Literal["drop", "error"] = "drop",
+    unknown_scenarios: Literal["drop", "error"] = "error",
+    unknown_actions: Literal["drop", "error"] = "error",
+    item_index: Callable[[Sequence[str]], np.ndarray] | None = None,
+) -> tuple[UserEvents, dict[str, Any]]:
+    """Convert history events to the training store's :class:`UserEvents` (indices of ``store``).
+
+    The result is sorted by timestamp (stable: ties keep their order in ``events``) and can be used with
+    :func:`redrec.mixing.mix` and :func:`redrec.data.batching.user_sequence` exactly like
+    ``store.user(u)``.  ``user_index`` is -1 (the user need not be in the training store) and ``target``
+    is ``None``.
+
+    Args:
+        events: a user's events (e.g. :meth:`HistoryStore.get`).
+        store: the training store whose item ids, scenario names and action names give the indices.
+        user_id: recorded as ``UserEvents.user_id``.
+        unknown_items: ``"drop"`` events whose item the store does not know (counted in the report), or
+            ``"error"`` (:class:`~redrec.errors.DataError`).
+        unknown_scenarios: the same for scenario names (default ``"error"``).
+        unknown_actions: ``"drop"`` unknown action names from an event (the event stays), or ``"error"``.
+        item_index: ids -> indices (-1 unknown); default :func:`item_lookup` of ``store`` (same answers as
+            ``store.item_index``).
+
+    Returns:
+        ``(user_events, report)``; ``report`` has ``n_events`` (given), ``n_kept`` (returned),
+        ``n_unknown_items`` / ``unknown_items`` (up to 10 ids), ``n_unknown_scenarios`` /
+        ``unknown_scenarios`` (names) and ``n_unknown_actions`` / ``unknown_actions`` (names).
+
+    Raises:
+        HistoryError: an invalid event or option.
+        DataError: an unknown item / scenario / action under the ``"error"`` policy, naming it and (for
+            scenarios and actions) the store's names.
+    """
+    _check_policy("unknown_items", unknown_items)
+    _check_policy("unknown_scenarios", unknown_scenarios)
+    _check_policy("unknown_actions", unknown_actions)
+    checked = [check_event(e, i) for i, e in enumerate(events)]
+    n = len(checked)
+    report: dict[str, Any] = {
+        "n_events": n, "n_kept": 0,
+        "n_unknown_items": 0, "unknown_items": [],
+        "n_unknown_scenarios": 0, "unknown_scenarios": [],
+        "n_unknown_actions": 0, "unknown_actions": [],
+    }
+
+    lookup = item_index or item_lookup(store)
+    item = np.asarray(lookup([c[0] for c in checked]), dtype=np.int64).reshape(n)
+    keep = item >= 0
+    if not keep.all():
+        bad = [checked[i][0] for i in np.flatnonzero(~keep)]
+        if unknown_items == "error":
+            raise DataError(
+                store.path, "item", f"{len(bad)} of {n} events have item ids unknown to the store, e.g. {bad[:5]}",
+                hint="pass unknown_items='drop' to skip them",
+            )
+        report["n_unknown_items"] = len(bad)
+        report["unknown_items"] = list(dict.fromkeys(bad))[:10]
+
+    scen_names = store.scenarios
+    scen_of = {s: i for i, s in enumerate(scen_names)}
+    scenario = np.array([scen_of.get(c[1], -1) for c in checked], dtype=np.int64).reshape(n)
+    if (scenario < 0).any():
+        bad_s = list(dict.fromkeys(checked[i][1] for i in np.flatnonzero(scenario < 0)))
+        if unknown_scenarios == "error":
+            raise DataError(
+                store.path, "scenario", f"unknown scenario {bad_s[0]!r}; this store has {scen_names}",
+                hint="pass unknown_scenarios='drop' to skip such events",
+            )
+        report["n_unknown_scenarios"] = int((scenario < 0).sum())
+        report["unknown_scenarios"] = bad_s
+        keep &= scenario >= 0
+
+    bit_of = {a: 1 << i for i, a in enumerate(store.actions_names)}
+    actions = np.zeros(n, np.uint32)
+    bad_actions: dict[str, None] = {}
+    n_bad_actions = 0
+    for i, c in enumerate(checked):
+        mask = 0
+        for a in c[3]:
+            bit = bit_of.get(a)
+            if bit is None:
+                if unknown_actions == "error":
+                    raise DataError(
+                        store.path, "actions", f"unknown action {a!r} (event {i}); this store has "
+                        f"{store.actions_names}", hint="pass unknown_actions='drop' to ignore such names",
+                    )
+                bad_actions[a] = None
+                n_bad_actions += 1
+                continue
+            mask |= bit
+        actions[i] = mask
+    report["n_unknown_actions"] = n_bad_actions
+    report["unknown_actions"] = list(bad_actions)
+
+    timestamp = np.array([c[2] for c in checked], dtype=np.int64).reshape(n)
+    duration = np.array([c[4] for c in checked], dtype=np.float32).reshape(n)
+    idx = np.flatnonzero(keep)
+    idx = idx[np.argsort(timestamp[idx], kind="stable")]
+    report["n_kept"] = int(len(idx))
+    user = UserEvents(
+        user_index=-1,
+        user_id=str(user_id),
+        item=item[idx].astype(np.int32),
+        scenario=scenario[idx].astype(np.int8),
+        timestamp=timestamp[idx],
+        actions=actions[idx],
+        duration=duration[idx],
+        target=None,
+    )
+    return user, report
+
+
+def events_from_store(store: EventStore, u: int) -> list[Event]:
+    """The events of training-store user index ``u`` as history :class:`Event` s (ids and names; unknown
+    (NaN) or negative durations become 0) -- e.g. to seed a history store from the training data."""
+    user = store.user(u)
+    item_ids, scenarios, names = store.item_ids, store.scenarios, store.actions_names
+    out = []
+    for it, s, ts, a, d in zip(user.item, user.scenario, user.timestamp, user.actions, user.duration, strict=True):
+        acts = tuple(name for b, name in enumerate(names) if int(a) >> b & 1)
+        out.append(Event(str(item_ids[it]), scenarios[s], int(ts), acts, float(d) if np.isfinite(d) and d >= 0 else 0.0))
+    return out
