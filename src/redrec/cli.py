@@ -346,6 +346,44 @@ def embed_merge_cmd(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# serve
+# --------------------------------------------------------------------------------------------------------------
+@app.command("serve")
+@_clean_errors
+def serve_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Training run directory (RUN/model + RUN/config.yaml)."),
+    store: Path | None = typer.Option(None, "--store", "-s", help="Event store (default: the run's)."),
+    index: Path | None = typer.Option(None, "--index", help="FAISS index directory over the store's items (default: exact engine)."),
+    exact: bool = typer.Option(False, "--exact", help="Exact multi-vector engine over all items (the default without --index)."),
+    item_embeddings: Path | None = typer.Option(None, "--item-embeddings", help="Merged `redrec embed items` directory of this model (default: computed at start-up)."),
+    history: str = typer.Option(":memory:", "--history", help="History store: sqlite:///abs/path.db, sqlite://rel.db, :memory: or redis://host:port/db."),
+    history_per_scenario: int | None = typer.Option(None, "--history-per-scenario", help="Events kept per user and scenario (default: the run's mixing budget)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Most requests per micro-batch (one user-tower forward)."),
+    max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", help="Longest wait for a micro-batch to fill (ms)."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Most waiting requests; beyond, 503 with Retry-After."),
+    max_history: int = typer.Option(10_000, "--max-history", help="Most events in an inline history (413 above)."),
+    max_events: int = typer.Option(10_000, "--max-events", help="Most events per POST /v1/events (413 above)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device of the user tower (cpu, cuda)."),
+    admin_token: str | None = typer.Option(None, "--admin-token", envvar="REDREC_ADMIN_TOKEN", help="Require 'Authorization: Bearer TOKEN' on /v1/admin/*."),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    access_log: bool = typer.Option(False, "--access-log/--no-access-log", help="Log every request."),
+    batch_delay_ms: float = typer.Option(0.0, "--batch-delay-ms", hidden=True, help="Testing: sleep per batch."),
+) -> None:
+    """Serve recommendations over HTTP (FastAPI): /v1/events, /v1/recommend, /v1/embed/user, /metrics, hot reload."""
+    from redrec.serve.app import ServeConfig, serve
+
+    if exact and index is not None:
+        raise RedrecError("give --index INDEX_DIR or --exact, not both")
+    cfg = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_history=max_history,
+                      max_events=max_events, admin_token=admin_token, batch_delay_ms=batch_delay_ms)
+    serve(checkpoint, store=store, index=index, item_embeddings=item_embeddings, history=history,
+          history_per_scenario=history_per_scenario, host=host, port=port, config=cfg, device=device,
+          log_level=log_level, access_log=access_log)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # train
 # --------------------------------------------------------------------------------------------------------------
 @app.command("train")

@@ -1,0 +1,252 @@
+"""Serving benchmark: a bounded load test of ``redrec serve`` over loopback, 1M indexed items, the default model.
+
+Set-up (cached in ``--work``; each step in a child process, like a user would run it):
+
+1. ``redrec data synth`` with ``--items`` items (default 1,000,000) and ``--users`` users, imported into a store;
+2. the DEFAULT model config (``TrainConfig()``; only the data-dependent fields filled), saved untrained with a fixed
+   seed -- latency does not depend on the weights' values;
+3. ``redrec embed items`` (all items) and a FAISS IVF-Flat index over them (``IndexConfig(kind="ivf_flat")``);
+4. ``redrec serve`` started as a second process on 127.0.0.1 with a SQLite history store; ``--history-users``
+   users' histories are posted through ``POST /v1/events``.
+
+Load: for each concurrency level ``c``, ``c`` client tasks (one ``httpx.AsyncClient``, this process) send
+``POST /v1/recommend {"user": ..., "k": --k, "exclude_seen": true}`` back to back for ``--seconds`` seconds after a
+short warm-up.  Latency is measured by the client (send to full response).  Printed per level: requests, errors,
+throughput, p50 / p99 / max latency, the server's mean batch size, and the share of the server's model time spent
+in the user tower vs the index (from ``/metrics``).
+
+    python benchmarks/bench_serving.py                              # 1M items, concurrency 1 2 4 8 16
+    python benchmarks/bench_serving.py --items 100000 --seconds 5 --concurrency 1 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def run(cmd: list[str]) -> None:
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "redrec.cli", *cmd], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"redrec {' '.join(cmd)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    print(f"  redrec {cmd[0]} {cmd[1] if len(cmd) > 1 else ''}: {time.perf_counter() - t:.1f} s", flush=True)
+
+
+def setup(work: Path, items: int, users: int) -> dict[str, Path]:
+    """Synthetic store, default untrained model, item embeddings and an IVF-Flat index (reused when present)."""
+    import torch
+
+    from redrec.config import save_yaml
+    from redrec.data.store import EventStore
+    from redrec.model.redrec import RedRec
+    from redrec.train import TrainConfig, resolve_model_config
+
+    raw, store, run_dir, emb, index = work / "raw", work / "store", work / "run", work / "items", work / "index"
+    work.mkdir(parents=True, exist_ok=True)
+    if not (store / "meta.json").exists():
+        run(["data", "synth", "--out", str(raw), "--users", str(users), "--items", str(items)])
+        run(["data", "import", str(raw), "--out", str(store), "--no-progress", "--overwrite"])
+    if not (run_dir / "model" / "model.safetensors").exists():
+        cfg = TrainConfig(store=str(store), out=str(run_dir))
+        torch.manual_seed(0)
+        model = RedRec(resolve_model_config(cfg, EventStore(store)))
+        model.save_pretrained(run_dir / "model")
+        save_yaml(cfg, run_dir / "config.yaml")
+        print(f"  default model saved ({model.num_parameters():,} parameters, untrained)", flush=True)
+    if not (emb / "embeddings.npy").exists():
+        run(["embed", "items", "--run", str(run_dir), "--out", str(emb), "--no-progress"])
+    if not (index / "index.json").exists():
+        from redrec.embed import load_embeddings
+        from redrec.retrieval.index import IndexConfig, build_index
+
+        t = time.perf_counter()
+        vec = np.asarray(load_embeddings(emb).vectors)
+        build_index(IndexConfig(kind="ivf_flat"), vec.shape[1]).fit(vec).save(index)
+        print(f"  ivf_flat index over {len(vec):,} items: {time.perf_counter() - t:.1f} s", flush=True)
+    return {"store": store, "run": run_dir, "items": emb, "index": index}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(client, url: str) -> dict[str, float]:
+    """``name{labels} value`` lines of /metrics -> {name{labels}: value} (sums over nothing; the caller picks)."""
+    out: dict[str, float] = {}
+    for line in client.get(url + "/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, val = line.rpartition(" ")
+            try:
+                out[key] = float(val)
+            except ValueError:
+                pass
+    return out
+
+
+def msum(m: dict[str, float], pattern: str) -> float:
+    rx = re.compile(pattern)
+    return sum(v for k, v in m.items() if rx.fullmatch(k))
+
+
+async def load(url: str, users: list[str], conc: int, seconds: float, k: int, warmup: float) -> tuple[list[float], int, float]:
+    """``conc`` closed-loop clients for ``warmup + seconds``; returns latencies (s) and errors after warm-up."""
+    import httpx
+
+    lat: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0) as client:
+        t_start = time.perf_counter()
+        t_measure = t_start + warmup
+        t_end = t_measure + seconds
+
+        async def worker(w: int) -> None:
+            nonlocal errors
+            i = w
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= t_end:
+                    return
+                body = {"user": users[i % len(users)], "k": k, "exclude_seen": True}
+                i += conc
+                try:
+                    r = await client.post("/v1/recommend", json=body)
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                t1 = time.perf_counter()
+                if t0 >= t_measure:
+                    lat.append(t1 - t0)
+                    errors += not ok
+
+        await asyncio.gather(*(worker(w) for w in range(conc)))
+        return lat, errors, time.perf_counter() - t_measure
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "redrec_bench_serving")
+    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--users", type=int, default=2000)
+    ap.add_argument("--history-users", type=int, default=500, help="users whose histories are posted and queried")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--serve-args", default="", help="extra `redrec serve` arguments, e.g. '--max-wait-ms 1'")
+    args = ap.parse_args()
+
+    import httpx
+
+    from redrec.data.store import EventStore
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; server and load generator share them")
+    print("set-up:", flush=True)
+    paths = setup(args.work / f"items{args.items}", args.items, args.users)
+    store = EventStore(paths["store"])
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    db = args.work / f"history-{port}.db"
+    cmd = [sys.executable, "-m", "redrec.cli", "serve", "--checkpoint", str(paths["run"]), "--store", str(paths["store"]),
+           "--index", str(paths["index"]), "--item-embeddings", str(paths["items"]), "--history", f"sqlite:///{db}",
+           "--host", "127.0.0.1", "--port", str(port), *args.serve_args.split()]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = httpx.Client(base_url=url, timeout=30.0)
+        t = time.perf_counter()
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"server exited:\n{server.stdout.read()[-4000:]}")
+            try:
+                if client.get("/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() - t > 600:
+                raise SystemExit("server not ready after 600 s")
+            time.sleep(0.5)
+        print(f"  server ready in {time.perf_counter() - t:.1f} s ({url})", flush=True)
+
+        # histories: the first --history-users users of the store, posted as events
+        item_ids, scen, actions = store.item_ids, store.scenarios, store.actions_names
+        users = []
+        n_events = 0
+        t = time.perf_counter()
+        for u in range(min(args.history_users, store.n_users)):
+            ev = store.user(u)
+            uid = str(store.user_ids[u])
+            events = [{"user": uid, "item": str(item_ids[int(ev.item[j])]), "scenario": scen[int(ev.scenario[j])],
+                       "timestamp": int(ev.timestamp[j]),
+                       "actions": [a for b, a in enumerate(actions) if int(ev.actions[j]) >> b & 1],
+                       "duration": float(ev.duration[j])} for j in range(len(ev))]
+            for a in range(0, len(events), 1000):
+                r = client.post("/v1/events", json={"events": events[a : a + 1000]})
+                if r.status_code != 200:
+                    raise SystemExit(f"POST /v1/events failed: {r.status_code} {r.text[:500]}")
+            users.append(uid)
+            n_events += len(events)
+        print(f"  posted {n_events:,} events of {len(users)} users in {time.perf_counter() - t:.1f} s", flush=True)
+
+        rows = []
+        for conc in args.concurrency:
+            m0 = scrape(client, url)
+            lat, errors, wall = asyncio.run(load(url, users, conc, args.seconds, args.k, args.warmup))
+            m1 = scrape(client, url)
+            d = {key: m1.get(key, 0.0) - m0.get(key, 0.0) for key in m1}
+            tower = msum(d, r"redrec_user_tower_seconds_sum.*")
+            index = msum(d, r"redrec_index_seconds_sum.*")
+            batches = msum(d, r"redrec_batch_size_count.*")
+            batched = msum(d, r"redrec_batch_size_sum.*")
+            a = np.asarray(lat) * 1e3
+            rows.append({
+                "concurrency": conc, "requests": len(lat), "errors": errors, "rps": len(lat) / wall,
+                "p50_ms": float(np.percentile(a, 50)) if len(a) else float("nan"),
+                "p99_ms": float(np.percentile(a, 99)) if len(a) else float("nan"),
+                "max_ms": float(a.max()) if len(a) else float("nan"),
+                "mean_batch": batched / batches if batches else float("nan"),
+                "tower_share": tower / (tower + index) if tower + index > 0 else float("nan"),
+            })
+            r = rows[-1]
+            print(f"  c={conc}: {r['requests']} requests, {r['errors']} errors, {r['rps']:.0f} req/s, "
+                  f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms", flush=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+    print(f"\n`redrec serve`, {store.n_items:,} items (IVF-Flat), default model (untrained), k={args.k}, "
+          f"exclude_seen, {len(users)} users with stored histories, {args.seconds:.0f} s per level after "
+          f"{args.warmup:.0f} s warm-up; client latency over loopback")
+    print("| concurrency | requests | errors | req/s | p50 ms | p99 ms | max ms | mean batch | user tower / (tower + index) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | "
+              f"{r['p99_ms']:.1f} | {r['max_ms']:.1f} | {r['mean_batch']:.2f} | {r['tower_share']:.0%} |")
+    goal = [r for r in rows if r["concurrency"] == 8]
+    if goal:
+        g = goal[0]
+        print(f"goal (p99 <= 15 ms at concurrency 8, no errors): p99 {g['p99_ms']:.1f} ms, {g['errors']} errors -> "
+              f"{'met' if g['p99_ms'] <= 15 and g['errors'] == 0 else 'NOT met'}")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

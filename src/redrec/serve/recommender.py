@@ -1,0 +1,486 @@
+"""The serving core, without HTTP: load a trained run, turn histories into interest vectors, retrieve items.
+
+    rec = Recommender.load("runs/r1")                     # model + the run's store + exact engine
+    rec = Recommender.load("runs/r1", index="runs/r1/items.index", item_embeddings="runs/r1/emb-items")
+    vecs = rec.user_vectors([events_a, events_b])         # float32 [B, K, d] unit interest vectors
+    lists = rec.recommend([events_a], k=10, scenario="ads")   # [[Recommendation(id, score, interest, ...)]]
+
+Inputs are built exactly as in training and evaluation: history events (:class:`redrec.serve.history.Event`,
+oldest first) -> :func:`redrec.serve.history.to_user_events` (item ids to store indices; events of items the
+store does not know are dropped) -> :func:`redrec.mixing.mix` with the run's mixing config and cutoff = the number
+of events -> :func:`redrec.data.batching.user_sequence` with the run's feature config -> ``collate`` -> the model's
+``interests``.  The prediction time ``t_now`` (the time-gap features count back from it) is **the last event's
+timestamp** unless the caller gives one: the ``latest`` case of ``redrec embed users``, and deterministic (the same
+history always gives the same vectors).  An empty history is valid: the model then runs on its queries alone.
+
+Scores: ``score(item) = max_k cos(u_k, v_item)`` over the K interest vectors; ``interest`` is the k that attains the
+max (argmax over K in float64; the lowest k on a tie) and ``interest_scenario`` the scenario of that query.
+
+Candidate pools: all items (the FAISS index given with ``index=``, else the exact engine
+:func:`redrec.retrieval.engine.search` over the item vectors), and per scenario the items seen in that scenario in
+the store, precomputed at load time and always searched exactly (ids mapped back to store item indices).  A
+per-scenario pool holds a copy of its items' vectors (``n_s * d * 4`` bytes) unless it covers every item.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from redrec.data.store import EventStore, UserEvents
+from redrec.errors import ConfigError, DataError, RedrecError
+from redrec.serve.history import Event, HistoryError, to_user_events
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One recommended item.
+
+    Attributes:
+        id: the store's external item id.
+        index: the store item index.
+        score: ``max_k cos(u_k, v_item)`` (float64 cosine rounded to float32 for the exact engine; the index's
+            score for a FAISS index).
+        interest: which of the K interest vectors attains the max (0-based).
+        interest_scenario: the scenario of that interest's query.
+    """
+
+    id: str
+    index: int
+    score: float
+    interest: int
+    interest_scenario: str
+
+
+@dataclass
+class UserInput:
+    """One history converted for the model.
+
+    Attributes:
+        user: the events the store knows, oldest first (:class:`UserEvents`, store indices).
+        t_now: prediction time (store time unit): the given one, else the last kept event's timestamp (0 if none).
+        n_given: events given.
+        info: what :func:`to_user_events` reported (e.g. how many unknown items were dropped).
+    """
+
+    user: UserEvents
+    t_now: int
+    n_given: int
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_history(self) -> int:
+        """Events the model may use (the known ones)."""
+        return len(self.user)
+
+    @property
+    def seen(self) -> np.ndarray:
+        """int64 sorted unique store indices of the history's items."""
+        return np.unique(np.asarray(self.user.item, dtype=np.int64))
+
+
+@dataclass
+class Query:
+    """One request of a micro-batch (see :meth:`Recommender.answer`).
+
+    Attributes:
+        events: the history (events oldest first) or an already converted :class:`UserInput`.
+        kind: ``recommend`` (vectors + items) or ``embed`` (vectors only).
+        k: list length (recommend).
+        scenario: restrict the candidates to the items seen in this scenario (``None`` = all items).
+        exclude_seen: never return the history's items.
+        t_now: prediction time (``None`` = the last event's timestamp).
+        user_id: for messages only.
+    """
+
+    events: Sequence[Event] | UserInput
+    kind: Literal["recommend", "embed"] = "recommend"
+    k: int = 10
+    scenario: str | None = None
+    exclude_seen: bool = True
+    t_now: int | None = None
+    user_id: str = ""
+
+
+@dataclass
+class Answer:
+    """The result of one :class:`Query`.
+
+    Attributes:
+        vectors: float32 ``[K, d]`` unit interest vectors.
+        items: the recommendations, best first (``None`` for ``embed``).
+        n_history: events the model used (known items).
+        n_given: events given.
+        model_version: the model that answered.
+        query_scenarios: the scenario of each of the K interest vectors.
+    """
+
+    vectors: np.ndarray
+    items: list[Recommendation] | None
+    n_history: int
+    n_given: int
+    model_version: str
+    query_scenarios: list[str] = field(default_factory=list)
+
+
+class Pool:
+    """A candidate pool: store item indices ``ids`` (``None`` = every item, row = item index), their unit vectors
+    ``[n, d]`` float32, and a FAISS :class:`redrec.retrieval.index.Index` over them (``None`` = exact engine)."""
+
+    def __init__(self, name: str, vectors: np.ndarray, ids: np.ndarray | None = None, index: Any = None,
+                 engine_config: Any = None):
+        self.name = name
+        self.vectors = vectors
+        self.ids = ids
+        self.index = index
+        self.engine_config = engine_config
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def _local(self, seen: np.ndarray) -> np.ndarray:
+        """Store item indices -> rows of this pool (items not in it are left out)."""
+        seen = np.asarray(seen, dtype=np.int64)
+        if self.ids is None:
+            return seen[(seen >= 0) & (seen < len(self))]
+        pos = np.searchsorted(self.ids, seen)
+        ok = pos < len(self.ids)
+        ok[ok] = self.ids[pos[ok]] == seen[ok]
+        return pos[ok]
+
+    def search(self, users: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` of ``users`` ``[B, K, d]``; returns ``(store item indices int64 [B, k], scores float32 [B, k])``,
+        best first, padded with ``-1`` / ``-inf`` when the pool has fewer eligible items."""
+        B = users.shape[0]
+        out_i = np.full((B, k), -1, np.int64)
+        out_s = np.full((B, k), -np.inf, np.float32)
+        if B == 0 or len(self) == 0:
+            return out_i, out_s
+        ex = None if exclude is None else [self._local(e) for e in exclude]
+        if self.index is not None:
+            ids, scores = self.index.search(users, k, exclude=ex)
+        else:
+            from redrec.retrieval.engine import search
+
+            ids, scores = search(users, self.vectors, k, ex, config=self.engine_config, items_normalized=True)
+        n = ids.shape[1]
+        out_i[:, :n], out_s[:, :n] = ids, scores
+        if self.ids is not None:
+            ok = out_i >= 0
+            out_i[ok] = self.ids[out_i[ok]]
+        return out_i, out_s
+
+
+def scenario_items(store: EventStore, chunk: int = 1 << 24) -> dict[str, np.ndarray]:
+    """Per scenario name, int64 sorted unique item indices of the store's events in that scenario (one chunked
+    pass over the events; ``n_scenarios * n_items`` bytes of scratch)."""
+    S, N = len(store.scenarios), store.n_items
+    seen = np.zeros((S, max(N, 1)), bool)
+    for a in range(0, store.n_events, chunk):
+        seen[np.asarray(store.scenario[a : a + chunk], np.int64), np.asarray(store.item[a : a + chunk], np.int64)] = True
+    return {s: np.flatnonzero(seen[i, :N]).astype(np.int64) for i, s in enumerate(store.scenarios)}
+
+
+def history_cap(mixing: Any) -> int:
+    """Events per scenario a history store must keep so that :func:`redrec.mixing.mix` sees what it would see on the
+    whole history: the sequence budget or the sum of the quotas, whichever is larger."""
+    return max(int(mixing.last_n), sum((mixing.quotas or {}).values()))
+
+
+class Recommender:
+    """A loaded model, its store, item vectors and candidate pools; immutable once built (hot reload builds a new
+    one with :meth:`reload` and the caller swaps the reference).
+
+    Use :meth:`load`.  Attributes: ``model`` (eval mode), ``store``, ``mixing``, ``features``, ``item_vectors``
+    (float32 ``[n_items, d]`` unit rows, row = item index), ``pools`` (``None`` -> all items, scenario name -> its
+    items), ``model_version``, ``sources`` (the paths it was loaded from).
+    """
+
+    def __init__(self, model: Any, store: EventStore, mixing: Any, features: Any, item_vectors: np.ndarray, *,
+                 index: Any = None, subsets: dict[str, np.ndarray] | None = None, model_version: str = "",
+                 sources: dict[str, Any] | None = None, engine_config: Any = None):
+        import torch
+
+        self.model = model.eval()
+        self.device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+        self.store = store
+        self.mixing = mixing
+        self.features = features
+        self.item_vectors = item_vectors
+        self.model_version = model_version
+        self.sources = dict(sources or {})
+        self.subsets = subsets if subsets is not None else scenario_items(store)
+        self.scenarios = list(store.scenarios)
+        self.needs_features = bool(getattr(model.item_tower, "needs_features", False))
+        self.query_group = model.query_group.cpu().numpy().astype(np.int64)
+        self.query_scenarios = [self.scenarios[g] if g < len(self.scenarios) else str(g) for g in self.query_group]
+        self.pools: dict[str | None, Pool] = {None: Pool("all", item_vectors, None, index, engine_config)}
+        for s, ids in self.subsets.items():
+            if len(ids) == len(item_vectors):  # every item: share the full pool's vectors (exact engine)
+                self.pools[s] = Pool(s, item_vectors, None, None, engine_config)
+            else:
+                self.pools[s] = Pool(s, np.ascontiguousarray(item_vectors[ids]), ids, None, engine_config)
+        self.retrieval = f"faiss-{index.kind}" if index is not None else "exact"
+
+    # -- loading ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls, checkpoint: str | Path, store: str | Path | None = None, *, index: str | Path | None = None,
+        item_embeddings: str | Path | None = None, device: str = "cpu", reuse: Recommender | None = None,
+        engine_config: Any = None, warmup: bool = True,
+    ) -> Recommender:
+        """Load a training run for serving.
+
+        Args:
+            checkpoint: a run directory (``RUN/model`` + ``RUN/config.yaml``: the run's mixing and feature configs
+                build the inputs); a bare model directory has no such configs and is refused.
+            store: the event store (item ids, scenarios, per-scenario item pools); default: the run's store.
+            index: a FAISS index directory (``redrec.retrieval.index``) over the store's items, row = item index;
+                ``None`` = the exact engine.
+            item_embeddings: merged ``redrec embed items`` directory of this model; ``None`` = computed here.
+            device: torch device of the user tower.
+            reuse: a recommender on the same store: its store and scenario pools are reused (hot reload).
+            engine_config: :class:`redrec.retrieval.engine.EngineConfig` of the exact engine.
+            warmup: answer a dummy query per pool before returning (compiles the engine's kernels, so the first
+                real request is not slow).
+
+        Raises:
+            DataError / ConfigError: missing or inconsistent files (model vs store, index size, embeddings of
+                another model).
+        """
+        import torch
+
+        from redrec.embed import check_model_store, resolve_source
+        from redrec.fileio import sha256_file
+        from redrec.model.redrec import RedRec
+        from redrec.model.scorer import all_item_vectors
+
+        model_dir, run_dir = resolve_source(checkpoint)
+        if run_dir is None or not (run_dir / "config.yaml").exists():
+            raise DataError(checkpoint, None, "a model directory has no training config (mixing, features) to build "
+                            "serving inputs the way training did", hint="pass the run directory (RUN with RUN/model)")
+        from redrec.train import load_train_config
+
+        tc = load_train_config(run_dir / "config.yaml")
+        store_path = Path(store) if store else Path(tc.store)
+        if reuse is not None and Path(reuse.store.path).resolve() == store_path.resolve():
+            st, subsets = reuse.store, reuse.subsets
+        else:
+            st, subsets = EventStore(store_path), None
+        model = RedRec.from_pretrained(model_dir).to(torch.device(device)).eval()
+        check_model_store(model, st, users=True)
+        sha = sha256_file(model_dir / "model.safetensors")
+        d = int(model.cfg.embed_dim)
+        if item_embeddings:
+            vecs = _load_item_embeddings(item_embeddings, st, d, sha)
+        else:
+            vecs = all_item_vectors(model, st, device=device)
+        idx = None
+        if index:
+            from redrec.retrieval.index import load_index
+
+            idx = load_index(index)
+            if idx.dim != d:
+                raise DataError(index, "dim", f"the index holds {idx.dim}-d vectors, the model makes {d}-d ones")
+            if idx.ntotal != st.n_items:
+                raise DataError(index, "ntotal", f"the index holds {idx.ntotal:,} items, the store {st.n_items:,}: "
+                                "row i must be item index i", hint="build the index from this store's item embeddings")
+        sources = {"checkpoint": str(Path(checkpoint).resolve()), "store": str(store_path.resolve()),
+                   "index": str(Path(index).resolve()) if index else None,
+                   "item_embeddings": str(Path(item_embeddings).resolve()) if item_embeddings else None,
+                   "device": device}
+        version = f"{(run_dir or model_dir).name}@{sha[:12]}"
+        rec = cls(model, st, tc.mixing, tc.features, vecs, index=idx, subsets=subsets, model_version=version,
+                  sources=sources, engine_config=engine_config)
+        if warmup:
+            rec.warmup()
+        return rec
+
+    def warmup(self) -> None:
+        """One empty-history query per candidate pool (model forward, engine / FAISS search)."""
+        pools = list(self.pools)
+        self.answer([Query([], k=1, scenario=s) for s in pools])
+
+    def reload(self, checkpoint: str | Path | None = None, *, index: str | Path | None = None,
+               item_embeddings: str | Path | None = None, exact: bool = False) -> Recommender:
+        """A new recommender on the same store (this one keeps serving until the caller swaps).
+
+        Arguments left out keep their current value; but a *different* checkpoint drops the current index and item
+        embeddings (they were made by the old model) unless given again.  ``exact=True`` drops the index.
+        """
+        cur = self.sources
+        ckpt = str(Path(checkpoint).resolve()) if checkpoint else cur["checkpoint"]
+        same = ckpt == cur["checkpoint"]
+        idx = None if exact else (index or (cur["index"] if same else None))
+        emb = item_embeddings or (cur["item_embeddings"] if same else None)
+        return Recommender.load(ckpt, cur["store"], index=idx, item_embeddings=emb, device=cur["device"], reuse=self,
+                                engine_config=self.pools[None].engine_config)
+
+    # -- shapes ----------------------------------------------------------------------------------------------------
+    @property
+    def n_items(self) -> int:
+        return int(self.item_vectors.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.item_vectors.shape[1])
+
+    @property
+    def n_interests(self) -> int:
+        return len(self.query_group)
+
+    def pool_sizes(self) -> dict[str, int]:
+        """Searchable items per pool (``all`` and each scenario)."""
+        return {("all" if s is None else s): len(p) for s, p in self.pools.items()}
+
+    # -- inputs and the user tower -----------------------------------------------------------------------------------
+    def prepare(self, events: Sequence[Event], *, t_now: int | None = None, user_id: str = "") -> UserInput:
+        """Convert a history (events oldest first) for the model; unknown items are dropped.
+
+        Raises:
+            HistoryError: an invalid event; DataError: an unknown scenario or action.
+        """
+        user, info = to_user_events(list(events), self.store, user_id=user_id, unknown_items="drop")
+        n = len(user)
+        t = int(t_now) if t_now is not None else (int(user.timestamp[n - 1]) if n else 0)
+        return UserInput(user, t, len(events), dict(info or {}))
+
+    def user_vectors(self, histories: Sequence[Sequence[Event] | UserInput], t_now: int | None = None) -> np.ndarray:
+        """float32 ``[B, K, d]`` unit interest vectors of ``B`` histories: one forward of the user tower.
+
+        ``histories`` are event lists (oldest first; converted with :meth:`prepare`, ``t_now`` applies to them) or
+        :class:`UserInput`\\ s.
+        """
+        import torch
+
+        from redrec.data.batching import collate, user_sequence
+        from redrec.mixing import mix
+
+        inputs = [h if isinstance(h, UserInput) else self.prepare(h, t_now=t_now) for h in histories]
+        if not inputs:
+            return np.zeros((0, self.n_interests, self.dim), np.float32)
+        seqs = []
+        for inp in inputs:
+            seq = mix(inp.user.scenario, len(inp.user), self.mixing, self.scenarios)
+            seqs.append(user_sequence(self.store, inp.user, seq, inp.t_now, self.features))
+        batch = {k: v.to(self.device) for k, v in collate(seqs, self.store, self.needs_features).items()}
+        with torch.no_grad():
+            interests = self.model(batch)["interests"]
+        return interests.float().cpu().numpy()
+
+    # -- retrieval -------------------------------------------------------------------------------------------------
+    def check_scenario(self, scenario: str | None) -> None:
+        if scenario is not None and scenario not in self.pools:
+            raise ConfigError("request", "scenario", f"unknown scenario {scenario!r}; this store has {self.scenarios}")
+
+    def retrieve(self, vectors: np.ndarray, k: int | Sequence[int], scenario: str | None | Sequence[str | None] = None,
+                 exclude: Sequence[np.ndarray] | None = None) -> list[list[Recommendation]]:
+        """The best items of ``B`` users: one search per distinct scenario pool among the rows.
+
+        Args:
+            vectors: ``[B, K, d]`` interest vectors.
+            k: list length, one for all or one per user.
+            scenario: candidate pool, one for all or one per user (``None`` = all items).
+            exclude: per user, store item indices never returned.
+        """
+        B = len(vectors)
+        ks = [int(k)] * B if isinstance(k, (int, np.integer)) else [int(x) for x in k]
+        scens = [scenario] * B if scenario is None or isinstance(scenario, str) else list(scenario)
+        out: list[list[Recommendation]] = [[] for _ in range(B)]
+        groups: dict[str | None, list[int]] = {}
+        for r, s in enumerate(scens):
+            self.check_scenario(s)
+            groups.setdefault(s, []).append(r)
+        for s, rows in groups.items():
+            kk = max(ks[r] for r in rows)
+            ex = None if exclude is None else [exclude[r] for r in rows]
+            ids, scores = self.pools[s].search(np.ascontiguousarray(vectors[rows]), kk, ex)
+            for j, r in enumerate(rows):
+                out[r] = self._items(vectors[r], ids[j, : ks[r]], scores[j, : ks[r]])
+        return out
+
+    def _items(self, u: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> list[Recommendation]:
+        ok = ids >= 0
+        ids, scores = ids[ok], scores[ok]
+        if not len(ids):
+            return []
+        q = np.asarray(u, np.float64)
+        q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-300)
+        which = (q @ np.asarray(self.item_vectors[ids], np.float64).T).argmax(axis=0)  # [n] interest per item
+        names = self.store.item_ids
+        return [Recommendation(str(names[i]), int(i), float(s), int(w), self.query_scenarios[int(w)])
+                for i, s, w in zip(ids.tolist(), scores.tolist(), which.tolist(), strict=True)]
+
+    def recommend(self, histories: Sequence[Sequence[Event] | UserInput], k: int = 10, scenario: str | None = None,
+                  exclude_seen: bool = True, t_now: int | None = None) -> list[list[Recommendation]]:
+        """``k`` items per history: :meth:`user_vectors` then :meth:`retrieve` (history items excluded when
+        ``exclude_seen``)."""
+        self.check_scenario(scenario)
+        inputs = [h if isinstance(h, UserInput) else self.prepare(h, t_now=t_now) for h in histories]
+        vecs = self.user_vectors(inputs)
+        return self.retrieve(vecs, k, scenario, [i.seen for i in inputs] if exclude_seen else None)
+
+    # -- a micro-batch ---------------------------------------------------------------------------------------------
+    def answer(self, queries: Sequence[Query], timings: dict[str, float] | None = None) -> list[Answer | Exception]:
+        """Answer a micro-batch: one user-tower forward for all queries, one search per scenario pool used.
+
+        A query whose history is invalid gets its exception (:class:`HistoryError`, :class:`ConfigError` for an
+        unknown scenario) in its slot; the others are answered.  ``timings`` receives ``user_tower`` (conversion +
+        forward) and ``retrieval`` seconds.
+        """
+        t0 = time.perf_counter()
+        out: list[Answer | Exception | None] = [None] * len(queries)
+        inputs: list[UserInput] = []
+        rows: list[int] = []
+        for i, q in enumerate(queries):
+            try:
+                self.check_scenario(q.scenario)
+                inp = q.events if isinstance(q.events, UserInput) else self.prepare(q.events, t_now=q.t_now, user_id=q.user_id)
+            except (HistoryError, RedrecError) as e:  # an invalid event; DataError: unknown scenario / action
+                out[i] = e
+                continue
+            inputs.append(inp)
+            rows.append(i)
+        vecs = self.user_vectors(inputs)
+        t1 = time.perf_counter()
+        rec_rows = [j for j, i in enumerate(rows) if queries[i].kind == "recommend"]
+        lists = self.retrieve(
+            vecs[rec_rows], [queries[rows[j]].k for j in rec_rows], [queries[rows[j]].scenario for j in rec_rows],
+            [inputs[j].seen if queries[rows[j]].exclude_seen else np.zeros(0, np.int64) for j in rec_rows],
+        ) if rec_rows else []
+        t2 = time.perf_counter()
+        items_of = dict(zip(rec_rows, lists, strict=True))
+        for j, i in enumerate(rows):
+            out[i] = Answer(vecs[j], items_of.get(j), inputs[j].n_history, inputs[j].n_given, self.model_version,
+                            self.query_scenarios)
+        if timings is not None:
+            timings["user_tower"] = t1 - t0
+            timings["retrieval"] = t2 - t1
+        return out  # type: ignore[return-value]
+
+
+def _load_item_embeddings(path: str | Path, store: EventStore, dim: int, model_sha: str) -> np.ndarray:
+    """float32 ``[n_items, d]`` item vectors (row = item index) from a merged ``redrec embed items`` directory."""
+    from redrec.embed import load_embeddings
+
+    emb = load_embeddings(path)
+    mpath = Path(path) / "manifest.json"
+    if emb.kind != "items":
+        raise DataError(mpath, "kind", f"holds {emb.kind} embeddings, expected items")
+    if emb.vectors.shape[-1] != dim:
+        raise DataError(mpath, "dim", f"{emb.vectors.shape[-1]}-d vectors, the model makes {dim}-d ones")
+    sha = emb.manifest.get("model_sha256")
+    if sha and sha != model_sha:
+        raise DataError(mpath, "model_sha256", "the item embeddings were made by another model",
+                        hint="embed the items with this checkpoint: `redrec embed items --run RUN`")
+    idx = emb.index
+    if len(idx) != store.n_items or not np.array_equal(np.sort(idx), np.arange(store.n_items)):
+        raise DataError(Path(path) / "ids.parquet", "index",
+                        f"{len(idx):,} item rows do not cover the store's {store.n_items:,} items exactly once")
+    v = np.asarray(emb.vectors, dtype=np.float32)
+    return np.ascontiguousarray(v if np.array_equal(idx, np.arange(len(idx))) else v[np.argsort(idx)])

@@ -1,0 +1,566 @@
+"""``redrec serve`` end to end: a real uvicorn server on 127.0.0.1 (in a thread, and ``redrec serve`` in a subprocess),
+talked to with httpx.
+
+The model is a tiny RED-Rec saved untrained (two of them, different seeds, for hot reload) with a run directory
+around it, on the tiny synthetic store (features item tower, scenarios homefeed / ads / search).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from conftest import make_tiny_store, tiny_train_config
+
+from redrec.config import save_yaml
+from redrec.data.store import EventStore
+from redrec.embed import latest_case
+from redrec.eval.run import checkpoint_scorer
+from redrec.model.redrec import RedRec
+from redrec.serve.app import ServeConfig, create_app
+from redrec.serve.batcher import BatcherClosed, MicroBatcher, QueueFull
+from redrec.serve.history import events_from_store, open_history_store
+from redrec.serve.recommender import Recommender
+from redrec.train import resolve_model_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads(restore_torch_threads):
+    yield
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("serve")
+    store = make_tiny_store(root)
+    st = EventStore(store)
+    runs = {}
+    for name, seed in (("run", 0), ("run2", 1)):
+        cfg = tiny_train_config(store, root / name, **{"model.user_tower.queries_per_scenario": 2, "model.embed_dim": 16})
+        torch.manual_seed(seed)
+        RedRec(resolve_model_config(cfg, st)).eval().save_pretrained(root / name / "model")
+        save_yaml(cfg, root / name / "config.yaml")
+        runs[name] = root / name
+    rec = Recommender.load(runs["run"])
+    return {"root": root, "store": store, "st": st, "run": runs["run"], "run2": runs["run2"], "rec": rec}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``create_app`` under a real uvicorn server in a background thread."""
+
+    def __init__(self, rec: Recommender, cfg: ServeConfig, history_url: str = ":memory:"):
+        self.history = open_history_store(history_url, 128)
+        self.app = create_app(rec, self.history, cfg)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def service(self):
+        return self.app.state.service
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        t0 = time.time()
+        while not self.server.started:
+            assert self.thread.is_alive() and time.time() - t0 < 30, "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server(env):
+    cfg = ServeConfig(max_wait_ms=5, max_history=500, max_events=500, max_body_bytes=1 << 20)
+    with Server(env["rec"], cfg) as s:
+        yield s
+
+
+def wire_events(st: EventStore, u: int, user: str | None = None) -> list[dict]:
+    """Store user ``u``'s events as request JSON (with ``user`` for /v1/events)."""
+    out = []
+    for e in events_from_store(st, u):
+        d = {"item": e.item, "scenario": e.scenario, "timestamp": e.timestamp, "actions": list(e.actions),
+             "duration": e.duration}
+        if user is not None:
+            d["user"] = user
+        out.append(d)
+    return out
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """``name{labels}`` -> value of every sample line."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, val = line.rpartition(" ")
+            out[key] = float(val)
+    return out
+
+
+def batches(text: str) -> tuple[float, float]:
+    """(number of batches, batches of size 1) from /metrics."""
+    v = metric_values(text)
+    return v["redrec_batch_size_count"], v['redrec_batch_size_bucket{le="1"}']
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def test_events_then_recommend(server, env):
+    st, rec = env["st"], env["rec"]
+    c = httpx.Client(base_url=server.url, timeout=30)
+    assert c.get("/healthz").json() == {"status": "ok"}
+    ready = c.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["model_version"] == rec.model_version
+    events = wire_events(st, 0, user="alice")
+    r = c.post("/v1/events", json={"events": events})
+    assert r.status_code == 200 and r.json() == {"accepted": len(events), "unknown_items": 0}
+    seen = {e["item"] for e in events}
+
+    r = c.post("/v1/recommend", json={"user": "alice", "k": 50})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == rec.model_version and body["n_history"] == len(events)
+    ids = [it["id"] for it in body["items"]]
+    assert len(ids) == 50 and len(set(ids)) == 50 and not seen & set(ids)  # seen items excluded
+    scores = [it["score"] for it in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(it["interest_scenario"] == rec.query_scenarios[it["interest"]] for it in body["items"])
+    direct = rec.recommend([events_from_store(st, 0)], k=50)[0]
+    assert ids == [x.id for x in direct]
+    np.testing.assert_allclose(scores, [x.score for x in direct], atol=1e-6)
+
+    # the winning interest really is the argmax over K
+    vec = np.asarray(c.post("/v1/embed/user", json={"user": "alice"}).json()["vectors"])
+    iv = rec.item_vectors[st.item_index(ids[:5])]
+    cos = vec @ iv.T  # [K, 5]
+    assert [it["interest"] for it in body["items"][:5]] == cos.argmax(0).tolist()
+    np.testing.assert_allclose(scores[:5], cos.max(0), atol=1e-5)
+
+    # scenario restriction: only items seen in ads in the training store
+    ads = set(st.item_ids[rec.subsets["ads"]])
+    r = c.post("/v1/recommend", json={"user": "alice", "k": 1000, "scenario": "ads"}).json()
+    got = {it["id"] for it in r["items"]}
+    assert got and got <= ads and not got & seen
+    assert len(got) == len(ads - seen)  # k above the pool size: every eligible item once
+
+    # exclude_seen false: seen items may come back (here: with k = every item, they must)
+    r = c.post("/v1/recommend", json={"user": "alice", "k": 1000, "exclude_seen": False}).json()
+    assert len(r["items"]) == st.n_items and seen <= {it["id"] for it in r["items"]}
+
+
+def test_inline_history_and_unknown_user(server, env):
+    st = env["st"]
+    c = httpx.Client(base_url=server.url, timeout=30)
+    c.post("/v1/events", json={"events": wire_events(st, 1, user="bob")}).raise_for_status()
+    stored = c.post("/v1/recommend", json={"user": "bob", "k": 20}).json()
+    inline = c.post("/v1/recommend", json={"history": wire_events(st, 1), "k": 20}).json()
+    again = c.post("/v1/recommend", json={"history": wire_events(st, 1), "k": 20}).json()
+    assert stored == inline == again  # deterministic: t_now = the last event's timestamp
+    # unknown items in an inline history are ignored (not counted in n_history)
+    extra = wire_events(st, 1) + [{"item": "no-such-item", "scenario": "ads", "timestamp": 1}]
+    r = c.post("/v1/recommend", json={"history": extra, "k": 20}).json()
+    assert r["n_history"] == inline["n_history"] and r["items"] == inline["items"]
+    # a user without history: 200, the model on the empty sequence
+    r = c.post("/v1/recommend", json={"user": "nobody", "k": 7})
+    assert r.status_code == 200 and r.json()["n_history"] == 0 and len(r.json()["items"]) == 7
+    assert r.json() == c.post("/v1/recommend", json={"history": [], "k": 7}).json()
+    # an explicit t_now changes the time-gap features
+    t_last = max(e["timestamp"] for e in wire_events(st, 1))
+    same = c.post("/v1/embed/user", json={"history": wire_events(st, 1), "t_now": t_last}).json()
+    later = c.post("/v1/embed/user", json={"history": wire_events(st, 1), "t_now": t_last + 10**6}).json()
+    base = c.post("/v1/embed/user", json={"history": wire_events(st, 1)}).json()
+    assert same["vectors"] == base["vectors"] and later["vectors"] != base["vectors"]
+
+
+def test_embed_user_equals_model_scorer(server, env):
+    st = env["st"]
+    c = httpx.Client(base_url=server.url, timeout=30)
+    users = [3, 4, 5, 17]
+    scorer = checkpoint_scorer(env["run"], None, queries="all")
+    ref = scorer.score_cases(st, [latest_case(st, u) for u in users])  # [B, K, d]
+    c.post("/v1/events", json={"events": [e for u in users for e in wire_events(st, u, user=f"s{u}")]}).raise_for_status()
+    for b, u in enumerate(users):
+        stored = c.post("/v1/embed/user", json={"user": f"s{u}"}).json()
+        inline = c.post("/v1/embed/user", json={"history": wire_events(st, u)}).json()
+        v = np.asarray(stored["vectors"], np.float32)
+        assert v.shape == ref.shape[1:] and stored["n_history"] == len(st.user(u))
+        np.testing.assert_allclose(v, ref[b], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(inline["vectors"]), ref[b], atol=1e-5)
+        assert stored["query_scenarios"] == ["homefeed", "homefeed", "ads", "ads", "search", "search"]
+
+
+def test_concurrent_requests_are_batched(server, env):
+    st = env["st"]
+    bodies = [{"history": wire_events(st, u), "k": 10, "scenario": [None, "ads", "search"][u % 3]} for u in range(32)]
+    c = httpx.Client(base_url=server.url, timeout=30)
+    single = [c.post("/v1/recommend", json=b).json() for b in bodies]  # one at a time: batches of 1
+    n0, ones0 = batches(c.get("/metrics").text)
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server.url, timeout=30,
+                                     limits=httpx.Limits(max_connections=64)) as ac:
+            return await asyncio.gather(*(ac.post("/v1/recommend", json=b) for b in bodies))
+
+    rs = asyncio.run(burst())
+    assert [r.status_code for r in rs] == [200] * 32
+    n1, ones1 = batches(c.get("/metrics").text)
+    assert n1 - n0 < 32 and (n1 - n0) > (ones1 - ones0)  # fewer batches than requests: some held several
+    for a, r in zip(single, rs, strict=True):
+        b = r.json()
+        assert [i["id"] for i in b["items"]] == [i["id"] for i in a["items"]]
+        np.testing.assert_allclose([i["score"] for i in b["items"]], [i["score"] for i in a["items"]], atol=1e-5)
+
+
+def test_overload_answers_503(env):
+    cfg = ServeConfig(max_batch=1, max_wait_ms=0, max_queue=1, batch_delay_ms=300)
+    with Server(env["rec"], cfg) as s:
+        async def burst():
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as ac:
+                return await asyncio.gather(*(ac.post("/v1/recommend", json={"user": f"u{i}"}) for i in range(8)))
+
+        t0 = time.time()
+        rs = asyncio.run(burst())
+        codes = sorted(r.status_code for r in rs)
+        assert set(codes) == {200, 503} and codes.count(200) >= 2, codes
+        assert time.time() - t0 < 2.5  # refused at once, not queued behind the slow batches
+        for r in rs:
+            if r.status_code == 503:
+                assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"] == "queue_full"
+        v = metric_values(httpx.get(s.url + "/metrics").text)
+        assert v['redrec_rejected_total{reason="queue_full"}'] == codes.count(503)
+        assert v['redrec_requests_total{endpoint="/v1/recommend",status="503"}'] == codes.count(503)
+
+
+BAD = [
+    # (path, json body or raw bytes, content type, expected status, text the message must contain)
+    ("/v1/recommend", b'{"user": "a",', "application/json", 400, "not valid JSON"),
+    ("/v1/recommend", b"user=a", "application/x-www-form-urlencoded", 415, "JSON"),
+    ("/v1/recommend", [1, 2], None, 422, "body"),
+    ("/v1/recommend", {"user": "a", "kk": 3}, None, 422, "kk"),
+    ("/v1/recommend", {"user": "a", "k": 0}, None, 422, "k"),
+    ("/v1/recommend", {"user": "a", "k": -5}, None, 422, "k"),
+    ("/v1/recommend", {"user": "a", "k": 1001}, None, 422, "k"),
+    ("/v1/recommend", {"user": "a", "k": "10"}, None, 422, "k"),
+    ("/v1/recommend", {"user": "a", "k": 2.5}, None, 422, "k"),
+    ("/v1/recommend", {"user": "a", "k": True}, None, 422, "k"),
+    ("/v1/recommend", b'{"user": "a", "k": NaN}', "application/json", 422, "k"),
+    ("/v1/recommend", {"user": "a", "scenario": "nope"}, None, 422, "unknown scenario"),
+    ("/v1/recommend", {"user": "a", "exclude_seen": "yes"}, None, 422, "exclude_seen"),
+    ("/v1/recommend", {"user": ""}, None, 422, "user"),
+    ("/v1/recommend", {}, None, 422, "user or history"),
+    ("/v1/recommend", {"user": "a", "history": []}, None, 422, "exactly one"),
+    ("/v1/recommend", {"history": [{"item": "x", "scenario": "nope", "timestamp": 1}]}, None, 422, "unknown scenario"),
+    ("/v1/recommend", {"history": [{"item": "x", "scenario": "ads", "timestamp": 1, "actions": ["zap"]}]}, None, 422,
+     "unknown action"),
+    ("/v1/recommend", {"history": [{"item": "x", "scenario": "ads", "timestamp": -1}]}, None, 422, "timestamp"),
+    ("/v1/recommend", {"history": [{"item": "x", "scenario": "ads"}]}, None, 422, "timestamp"),
+    ("/v1/recommend", b'{"history": [{"item": "x", "scenario": "ads", "timestamp": 1, "duration": Infinity}]}',
+     "application/json", 422, "duration"),
+    ("/v1/recommend", {"history": [{"item": "x", "scenario": "ads", "timestamp": 1}] * 501}, None, 413, "max_history"),
+    ("/v1/embed/user", {"history": [{"item": "x", "scenario": "ads", "timestamp": 1.5}]}, None, 422, "timestamp"),
+    ("/v1/embed/user", {"user": "a", "k": 3}, None, 422, "k"),
+    ("/v1/events", {"events": [{"user": "a", "item": "x", "scenario": "nope", "timestamp": 1}]}, None, 422,
+     "unknown scenario"),
+    ("/v1/events", {"events": [{"user": "a", "item": "x", "scenario": "ads", "timestamp": 1, "actions": ["zap"]}]},
+     None, 422, "unknown action"),
+    ("/v1/events", {"events": [{"item": "x", "scenario": "ads", "timestamp": 1}]}, None, 422, "user"),
+    ("/v1/events", b'{"events": [{"user": "a", "item": "x", "scenario": "ads", "timestamp": 1, "duration": NaN}]}',
+     "application/json", 422, "duration"),
+    ("/v1/events", {"events": [{"user": "a", "item": "x", "scenario": "ads", "timestamp": 1}] * 501}, None, 413,
+     "max_events"),
+    ("/v1/events", b'{"events": [' + b" " * (1 << 20) + b"]}", "application/json", 413, "max_body_bytes"),
+    ("/v1/admin/reload", {"checkpoint": "/no/such/run"}, None, 422, "still serving"),
+    ("/v1/admin/reload", {"index": 3}, None, 422, "index"),
+]
+
+
+def test_bad_requests_get_4xx(server):
+    c = httpx.Client(base_url=server.url, timeout=30)
+    before = c.post("/v1/recommend", json={"user": "a"}).json()
+    for path, body, ctype, status, text in BAD:
+        if isinstance(body, bytes):
+            r = c.post(path, content=body, headers={"content-type": ctype})
+        else:
+            r = c.post(path, json=body)
+        assert r.status_code == status, (path, body if not isinstance(body, bytes) else body[:80], r.text[:300])
+        assert r.headers["content-type"] == "application/json", (path, r.text[:300])
+        j = r.json()
+        assert set(j) == {"error", "message", "details"} and text in j["message"] + str(j["details"]), j
+    big = (b'{"events": [' + b" " * (1 << 20) + b"]}")
+    r = c.post("/v1/events", content=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]),
+               headers={"content-type": "application/json"})  # chunked: no Content-Length
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["message"]
+    assert c.get("/v1/recommend").status_code == 405
+    assert c.get("/nope").status_code == 404 and "message" in c.get("/nope").json()
+    assert c.get("/readyz").status_code == 200
+    assert c.post("/v1/recommend", json={"user": "a"}).json() == before  # nothing stored, nothing broken
+    assert server.history.get("a") == []
+    text = c.get("/metrics").text
+    assert not re.search(r'status="5\d\d"', text)
+
+
+def test_metrics_are_prometheus_text(server):
+    c = httpx.Client(base_url=server.url, timeout=30)
+    c.post("/v1/recommend", json={"user": "m", "k": 3}).raise_for_status()
+    r = c.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    sample = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? '
+                        r'(-?[0-9.e+-]+|[+-]Inf|NaN)$')
+    types: dict[str, str] = {}
+    helped = set()
+    buckets: dict[str, list[float]] = {}
+    for line in r.text.rstrip("\n").split("\n"):
+        if line.startswith("# HELP "):
+            helped.add(line.split()[2])
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert kind in ("counter", "gauge", "histogram") and name in helped
+            types[name] = kind
+        else:
+            m = sample.match(line)
+            assert m, line
+            name = m.group(1)
+            base = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
+            assert base in types, line
+            if name.endswith("_bucket"):
+                series = re.sub(r',?le="[^"]*"', "", line.rpartition(" ")[0])
+                buckets.setdefault(series, []).append(float(m.group(4)))
+    for series, counts in buckets.items():
+        assert counts == sorted(counts), series  # cumulative
+    for name in ("redrec_requests_total", "redrec_request_duration_seconds", "redrec_batch_size", "redrec_queue_depth",
+                 "redrec_index_items", "redrec_user_tower_seconds", "redrec_index_seconds"):
+        assert name in types, name
+    v = metric_values(r.text)
+    assert v['redrec_index_items{pool="all"}'] == 300 and v["redrec_queue_depth"] == 0
+    assert v['redrec_requests_total{endpoint="/v1/recommend",status="200"}'] >= 1
+    assert v["redrec_user_tower_seconds_count"] >= 1 and v["redrec_index_seconds_count"] >= 1
+    spec = c.get("/openapi.json").json()
+    assert {"/v1/events", "/v1/recommend", "/v1/embed/user", "/v1/admin/reload", "/healthz", "/readyz",
+            "/metrics"} <= set(spec["paths"])
+    assert "RecommendRequest" in spec["components"]["schemas"]
+
+
+def test_hot_reload_under_load(env):
+    st = env["st"]
+    rec1 = Recommender.load(env["run"])
+    rec2 = Recommender.load(env["run2"])
+    assert rec1.model_version != rec2.model_version
+    bodies = [{"history": wire_events(st, u), "k": 5} for u in range(8)]
+    expect = {rec.model_version: [[x.id for x in rec.recommend([events_from_store(st, u)], k=5)[0]] for u in range(8)]
+              for rec in (rec1, rec2)}
+    with Server(rec1, ServeConfig(max_wait_ms=2)) as s:
+        stop = asyncio.Event()
+        failures: list[str] = []
+        versions: list[str] = []
+
+        async def client(ac: httpx.AsyncClient, i: int) -> None:
+            while not stop.is_set():
+                r = await ac.post("/v1/recommend", json=bodies[i])
+                if r.status_code != 200:
+                    failures.append(r.text)
+                    continue
+                b = r.json()
+                versions.append(b["model_version"])
+                if [x["id"] for x in b["items"]] != expect[b["model_version"]][i]:
+                    failures.append(f"user {i}: items of another model than {b['model_version']}")
+
+        async def main() -> list[dict]:
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as ac:
+                tasks = [asyncio.create_task(client(ac, i)) for i in range(8)]
+                await asyncio.sleep(0.3)
+                out = []
+                for run in (env["run2"], env["run"], env["run2"]):
+                    busy = ac.post("/v1/admin/reload", json={"checkpoint": str(run)})
+                    second = asyncio.create_task(_later(ac.post("/v1/admin/reload", json={}), 0.05))
+                    r = await busy
+                    out.append(r.json())
+                    assert r.status_code == 200, r.text
+                    assert (await second).status_code in (200, 409)  # one reload at a time
+                    await asyncio.sleep(0.2)
+                stop.set()
+                await asyncio.gather(*tasks)
+                return out
+
+        results = asyncio.run(main())
+        assert failures == []
+        assert [r["model_version"] for r in results] == [rec2.model_version, rec1.model_version, rec2.model_version]
+        assert set(versions) == {rec1.model_version, rec2.model_version}
+        r = httpx.post(s.url + "/v1/recommend", json=bodies[0]).json()
+        assert r["model_version"] == rec2.model_version and [x["id"] for x in r["items"]] == expect[rec2.model_version][0]
+        assert httpx.get(s.url + "/readyz").json()["model_version"] == rec2.model_version
+
+
+def test_history_store_down_is_503(env):
+    with Server(env["rec"], ServeConfig()) as s:
+        s.history.close()  # every read now fails
+        r = httpx.post(s.url + "/v1/recommend", json={"user": "a"})
+        assert r.status_code == 503 and r.json()["error"] == "history_unavailable" and "Retry-After" in r.headers
+        r = httpx.post(s.url + "/v1/recommend", json={"history": wire_events(env["st"], 0)})
+        assert r.status_code == 200  # inline histories do not need the store
+
+
+def test_faiss_index_and_item_embeddings(env):
+    """--index (FAISS flat) and --item-embeddings give the exact engine's lists; mismatched files are refused."""
+    from redrec.embed import EmbedConfig, embed_items, load_embeddings, merge_embeddings
+    from redrec.errors import DataError
+    from redrec.retrieval.index import IndexConfig, build_index
+
+    root, st, exact = env["root"], env["st"], env["rec"]
+    emb = root / "emb-items"
+    if not emb.exists():
+        embed_items(env["run"], None, emb, EmbedConfig(device="cpu", progress=False))
+        merge_embeddings(emb, progress=False)
+    idx_dir = build_index(IndexConfig(kind="flat"), 16).fit(np.asarray(load_embeddings(emb).vectors)).save(root / "idx")
+    rec = Recommender.load(env["run"], index=idx_dir, item_embeddings=emb)
+    assert rec.retrieval == "faiss-flat"
+    np.testing.assert_allclose(rec.item_vectors, exact.item_vectors, atol=1e-6)
+    hist = [events_from_store(st, u) for u in range(6)]
+    for scen in (None, "ads"):
+        a = rec.recommend(hist, k=10, scenario=scen)
+        b = exact.recommend(hist, k=10, scenario=scen)
+        assert [[x.id for x in r] for r in a] == [[x.id for x in r] for r in b]
+        np.testing.assert_allclose([[x.score for x in r] for r in a], [[x.score for x in r] for r in b], atol=1e-5)
+    assert all(x.id not in {e.item for e in hist[0]} for x in a[0])  # exclusion through FAISS
+    other = root / "emb-items-2"
+    if not other.exists():
+        embed_items(env["run2"], None, other, EmbedConfig(device="cpu", progress=False))
+        merge_embeddings(other, progress=False)
+    with pytest.raises(DataError, match="another model"):
+        Recommender.load(env["run"], item_embeddings=other)
+    small = build_index(IndexConfig(kind="flat"), 16).fit(np.asarray(load_embeddings(emb).vectors)[:10]).save(root / "idx10")
+    with pytest.raises(DataError, match="ntotal"):
+        Recommender.load(env["run"], index=small)
+
+
+async def _later(coro, delay: float):
+    await asyncio.sleep(delay)
+    return await coro
+
+
+def test_batcher_unit():
+    """The generic batcher: batches form, per-item exceptions, queue bound, drain on stop."""
+    seen: list[int] = []
+
+    def fn(items):
+        seen.append(len(items))
+        time.sleep(0.05)
+        return [ValueError(f"bad {x}") if x < 0 else x * 2 for x in items]
+
+    async def main():
+        b = MicroBatcher(fn, max_batch=4, max_wait_ms=20, max_queue=6)
+        await b.start()
+        results = await asyncio.gather(*(b.submit(x) for x in [1, 2, -3, 4, 5]), return_exceptions=True)
+        assert results[:2] == [2, 4] and isinstance(results[2], ValueError) and results[3:] == [8, 10]
+        assert seen[0] == 4  # the first four in one batch
+        futs = [asyncio.ensure_future(b.submit(x)) for x in range(12)]
+        await asyncio.sleep(0)
+        done = await asyncio.gather(*futs, return_exceptions=True)
+        assert sum(isinstance(x, QueueFull) for x in done) >= 1
+        assert all(x == 2 * i for i, x in enumerate(done) if not isinstance(x, Exception))
+        pending = [asyncio.ensure_future(b.submit(x)) for x in range(5)]
+        await asyncio.sleep(0)
+        await b.stop(drain=True)  # queued items are still answered
+        assert [await p for p in pending] == [0, 2, 4, 6, 8]
+        with pytest.raises(BatcherClosed):
+            await b.submit(1)
+
+    asyncio.run(main())
+
+
+def test_cli_serve_subprocess_graceful_shutdown(env, tmp_path):
+    """``redrec serve`` as a process: serve, then SIGTERM with requests in flight -> all answered, clean exit."""
+    port = free_port()
+    db = tmp_path / "history.db"
+    cmd = [sys.executable, "-m", "redrec.cli", "serve", "--checkpoint", str(env["run"]), "--port", str(port),
+           "--history", f"sqlite:///{db}", "--max-batch", "2", "--max-wait-ms", "1", "--batch-delay-ms", "300",
+           "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.time()
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() - t0 < 60, "server did not become ready"
+            time.sleep(0.1)
+        events = wire_events(env["st"], 2, user="carol")
+        assert httpx.post(url + "/v1/events", json={"events": events}).json()["accepted"] == len(events)
+        first = httpx.post(url + "/v1/recommend", json={"user": "carol", "k": 5}, timeout=30).json()
+        assert len(first["items"]) == 5 and first["n_history"] == len(events)
+
+        results: list = [None] * 6
+
+        def call(i: int) -> None:
+            try:
+                results[i] = httpx.post(url + "/v1/recommend", json={"user": "carol", "k": 5}, timeout=30)
+            except Exception as e:  # noqa: BLE001
+                results[i] = e
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.4)  # all six sent; batches of 2 x 300 ms: most still queued
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=30)
+        rc = proc.wait(timeout=30)
+        assert rc in (0, -signal.SIGTERM), rc
+        for r in results:
+            assert isinstance(r, httpx.Response) and r.status_code == 200, r
+            assert r.json()["items"] == first["items"]
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/healthz", timeout=1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with open_history_store(f"sqlite:///{db}") as h:  # the events were durable
+        assert len(h.get("carol")) == len(events)
+
+
+def test_cli_serve_bad_arguments(env, tmp_path):
+    from typer.testing import CliRunner
+
+    from redrec.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["serve", "--checkpoint", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "no such run" in r.output
+    r = runner.invoke(app, ["serve", "--checkpoint", str(env["run"]), "--exact", "--index", str(tmp_path)])
+    assert r.exit_code == 2 and "not both" in r.output
+    r = runner.invoke(app, ["serve", "--checkpoint", str(env["run"]), "--history", "ftp://x"])
+    assert r.exit_code == 2 and "history" in r.output
+    r = runner.invoke(app, ["serve", "--checkpoint", str(env["run"] / "model")])
+    assert r.exit_code == 2 and "run directory" in r.output
