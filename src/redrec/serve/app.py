@@ -315,7 +315,8 @@ class Service:
         for i in live:
             j = jobs[i]
             events = stored[i] if j.user is not None else j.history
-            queries.append(Query(events, j.kind, j.k, j.scenario, j.exclude_seen, j.t_now, j.user or ""))  # type: ignore[arg-type]
+            queries.append(Query(events, j.kind, j.k, j.scenario, j.exclude_seen, j.t_now, j.user or "",  # type: ignore[arg-type]
+                                 trusted=j.user is not None))
         timings: dict[str, float] = {}
         answers = rec.answer(queries, timings)
         out: list[Answer | Exception] = [failed] * len(jobs)  # type: ignore[list-item]

@@ -96,6 +96,8 @@ class Query:
         exclude_seen: never return the history's items.
         t_now: prediction time (``None`` = the last event's timestamp).
         user_id: for messages only.
+        trusted: the events were read back from a :class:`HistoryStore` (checked when appended), so they are not
+            validated again.
     """
 
     events: Sequence[Event] | UserInput
@@ -105,6 +107,7 @@ class Query:
     exclude_seen: bool = True
     t_now: int | None = None
     user_id: str = ""
+    trusted: bool = False
 
 
 @dataclass
@@ -285,6 +288,7 @@ class Recommender:
             from redrec.retrieval.index import load_index
 
             idx = load_index(index)
+            idx.set_search_params(threads=1)  # a micro-batch is a few queries: OpenMP fan-out costs more than it saves
             if idx.dim != d:
                 raise DataError(index, "dim", f"the index holds {idx.dim}-d vectors, the model makes {d}-d ones")
             if idx.ntotal != st.n_items:
@@ -339,13 +343,14 @@ class Recommender:
         return {("all" if s is None else s): len(p) for s, p in self.pools.items()}
 
     # -- inputs and the user tower -----------------------------------------------------------------------------------
-    def prepare(self, events: Sequence[Event], *, t_now: int | None = None, user_id: str = "") -> UserInput:
+    def prepare(self, events: Sequence[Event], *, t_now: int | None = None, user_id: str = "",
+                validate: bool = True) -> UserInput:
         """Convert a history (events oldest first) for the model; unknown items are dropped.
 
         Raises:
             HistoryError: an invalid event; DataError: an unknown scenario or action.
         """
-        user, info = to_user_events(list(events), self.store, user_id=user_id, unknown_items="drop")
+        user, info = to_user_events(list(events), self.store, user_id=user_id, unknown_items="drop", validate=validate)
         n = len(user)
         t = int(t_now) if t_now is not None else (int(user.timestamp[n - 1]) if n else 0)
         return UserInput(user, t, len(events), dict(info or {}))
@@ -440,7 +445,8 @@ class Recommender:
         for i, q in enumerate(queries):
             try:
                 self.check_scenario(q.scenario)
-                inp = q.events if isinstance(q.events, UserInput) else self.prepare(q.events, t_now=q.t_now, user_id=q.user_id)
+                inp = q.events if isinstance(q.events, UserInput) else self.prepare(
+                    q.events, t_now=q.t_now, user_id=q.user_id, validate=not q.trusted)
             except (HistoryError, RedrecError) as e:  # an invalid event; DataError: unknown scenario / action
                 out[i] = e
                 continue
