@@ -248,7 +248,9 @@ def test_overload_answers_503(env):
         t0 = time.time()
         rs = asyncio.run(burst())
         codes = sorted(r.status_code for r in rs)
-        assert set(codes) == {200, 503} and codes.count(200) >= 2, codes
+        # one request runs (max_batch 1) and at most one waits (max_queue 1); whether the second found the queue
+        # still holding the first depends on timing, so 1 or 2 succeed and every other one is refused at once
+        assert set(codes) == {200, 503} and 1 <= codes.count(200) <= 2, codes
         assert time.time() - t0 < 2.5  # refused at once, not queued behind the slow batches
         for r in rs:
             if r.status_code == 503:
