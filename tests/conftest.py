@@ -58,8 +58,9 @@ def make_tiny_store(root: Path) -> Path:
     return root / "store"
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def restore_torch_threads():
+    """Every test leaves torch's thread count as it found it (the engine, trainer and server change it)."""
     import torch
 
     n = torch.get_num_threads()

@@ -54,11 +54,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads(restore_torch_threads):
-    yield
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return make_tiny_store(tmp_path_factory.mktemp("ddp_store"))

@@ -44,11 +44,6 @@ CFG = EmbedConfig(batch_size=B, part_rows=2 * B, device="cpu", num_threads=1, pr
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads(restore_torch_threads):
-    yield
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("embed")

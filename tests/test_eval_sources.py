@@ -25,11 +25,6 @@ runner = CliRunner()
 ECFG = EmbedConfig(batch_size=32, device="cpu", num_threads=1, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads(restore_torch_threads):
-    yield
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("evalsrc")

@@ -39,11 +39,6 @@ from redrec.train import resolve_model_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads(restore_torch_threads):
-    yield
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("serve")

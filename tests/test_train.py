@@ -55,11 +55,6 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads(restore_torch_threads):
-    yield
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return make_tiny_store(tmp_path_factory.mktemp("train_store"))
