@@ -227,7 +227,7 @@ def test_build_features_follows_mixed_order():
     assert seq.index.tolist() == [4, 5, 1, 3]
     t_now = BASE + 86400 + 7 * 3600 + 1
     f = build_features(user, seq, t_now, n_actions=3)
-    assert set(f) == {"item", "scenario", "actions", "hour", "gap_bucket", "position", "timestamp"}
+    assert set(f) == {"item", "scenario", "actions", "hour", "gap_bucket", "position", "timestamp", "age"}
     assert f["item"].tolist() == [14, 15, 11, 13]
     assert f["scenario"].tolist() == [0, 0, 1, 1]
     assert f["actions"].tolist() == [[0, 0, 0], [1, 1, 1], [0, 1, 0], [0, 0, 0]]
@@ -236,7 +236,8 @@ def test_build_features_follows_mixed_order():
     assert f["gap_bucket"].tolist() == [15, 1, 17, 15]
     assert f["position"].tolist() == [0, 1, 2, 3]
     assert f["timestamp"].tolist() == (BASE + OFFSETS[[4, 5, 1, 3]]).tolist()
-    for k in ("item", "scenario", "hour", "gap_bucket", "position", "timestamp"):
+    assert f["age"].tolist() == (t_now - f["timestamp"]).tolist()
+    for k in ("item", "scenario", "hour", "gap_bucket", "position", "timestamp", "age"):
         assert f[k].dtype == np.int64, k
     assert f["actions"].dtype == np.float32
 

@@ -131,7 +131,8 @@ def build_features(
         ``item`` int64 item index; ``scenario`` int64; ``actions`` float32 [L, n_actions] multi-hot;
         ``hour`` int64 in [0, 24] (24 = unknown); ``gap_bucket`` int64 in [0, n_gap_buckets) (all 0 when the
         policy has no time-gap PE); ``position`` int64 0..L-1 oldest first (all 0 when the policy has no
-        position PE); ``timestamp`` int64 raw times (for diagnostics, not a model input).
+        position PE); ``timestamp`` int64 raw times (for diagnostics, not a model input); ``age`` int64
+        ``t_now - t_j`` in store time units (the HSTU backbone's relative time bias reads its differences).
     """
     cfg = cfg or FeatureConfig()
     idx = seq.index
@@ -151,4 +152,5 @@ def build_features(
         "gap_bucket": gap,
         "position": position,
         "timestamp": ts,
+        "age": int(t_now) - ts,
     }

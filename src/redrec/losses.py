@@ -12,7 +12,9 @@ temperature :class:`LogitScale` (CLIP-style: init 1/0.07, capped at 100).
 * :func:`window_interest_loss` -- the last ``W`` events are held out as targets; per user and scenario group
   they are clustered by cosine k-means (:func:`cosine_kmeans`), the cluster centroids are matched one-to-one to
   the group's interest vectors by the Hungarian algorithm (:func:`match_interests`), and every target is then a
-  positive of its matched interest vector in one batched :func:`nce_loss` call.
+  positive of its matched interest vector in one batched :func:`nce_loss` call.  Interest vectors of group
+  :data:`SHARED_GROUP` (-1) belong to no scenario: targets of every scenario without queries of its own are
+  clustered together and matched to them (``query_scope: shared``, readout ``last``).
 
 Logits and log-softmax are always computed in float32 (inputs may be bfloat16; gradients flow back to them).
 """
@@ -28,6 +30,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from redrec.model.config import SHARED_GROUP
+
 __all__ = [
     "LogitScale",
     "nce_loss",
@@ -36,6 +40,8 @@ __all__ = [
     "match_interests",
     "window_assignments",
     "window_interest_loss",
+    "SHARED_GROUP",
+    "effective_groups",
 ]
 
 
@@ -311,6 +317,19 @@ def match_interests(centroids: Tensor, interests: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def effective_groups(target_group: Tensor, query_group: Tensor) -> Tensor:
+    """The query group each target is matched within: its own scenario when that scenario has queries, else
+    :data:`SHARED_GROUP` when there are shared queries (else its own scenario, which has no queries: unmatched).
+
+    ``target_group`` [...] long, ``query_group`` [K] long -> [...] long on ``target_group``'s device.
+    """
+    qg = query_group.to(target_group.device)
+    if not bool((qg == SHARED_GROUP).any()):
+        return target_group
+    return torch.where(torch.isin(target_group, qg), target_group, torch.full_like(target_group, SHARED_GROUP))
+
+
+
 @torch.no_grad()
 def window_assignments(
     interests: Tensor,
@@ -326,13 +345,15 @@ def window_assignments(
     For every user ``b`` and scenario group ``g``: the valid targets of group ``g`` are clustered into
     ``min(#queries of g, #targets)`` clusters by :func:`cosine_kmeans`, the centroids are matched to the
     interests of the queries of group ``g`` by :func:`match_interests`, and each target gets the interest
-    matched to its cluster.  Targets of a group that has no query are left out (counted in the stats).
+    matched to its cluster.  Targets of a scenario without queries of its own join the shared group
+    :data:`SHARED_GROUP` when some queries are shared (:func:`effective_groups`), else they are left out
+    (counted in the stats).
 
     Everything runs on float32 CPU copies (one device-to-host transfer per call; ``B * groups`` is small).
 
     Args:
         interests: [B, K, d] interest vectors (user tower).
-        query_group: [K] long scenario group of each query.
+        query_group: [K] long scenario group of each query (:data:`SHARED_GROUP`: any scenario).
         targets: [B, W] + [d] item-tower vectors of the held-out events.
         target_group: [B, W] long scenario group of each target.
         target_mask: [B, W] bool, valid targets.
@@ -353,8 +374,8 @@ def window_assignments(
     t_cpu = targets.detach().float().cpu()  # [B, W, d]
     i_cpu = interests.detach().float().cpu()  # [B, K, d]
     mask_cpu = target_mask.detach().bool().cpu()  # [B, W]
-    grp_cpu = target_group.detach().long().cpu()  # [B, W]
     qg_cpu = query_group.detach().long().cpu()  # [K]
+    grp_cpu = effective_groups(target_group.detach().long().cpu(), qg_cpu)  # [B, W]
     queries_of = {g: torch.nonzero(qg_cpu == g).flatten() for g in qg_cpu.unique().tolist()}
 
     b_list, k_list, w_list, n_clusters = [], [], [], []
@@ -420,10 +441,12 @@ def window_interest_loss(
 
     Args:
         interests: [B, K, d] unit interest vectors (the K query outputs through the head).
-        query_group: [K] long scenario group of each query (e.g. ``[0, 0, 0, 1, 1, 1]``).
+        query_group: [K] long scenario group of each query (e.g. ``[0, 0, 0, 1, 1, 1]``; ``[-1, -1, -1]``:
+            shared queries, matched to the targets of every scenario).
         targets: [B, W, d] unit item vectors of the W held-out events.
         target_items: [B, W] long item ids.
-        target_group: [B, W] long scenario group of each target; matched only to queries of the same group.
+        target_group: [B, W] long scenario group of each target; matched only to queries of the same group
+            (or to the shared queries, see :func:`effective_groups`).
         target_mask: [B, W] bool, valid targets (padding False).
         neg_item: [M] long pool negative ids; neg_vec: [M, d] their unit vectors.
         scale: scalar inverse temperature.

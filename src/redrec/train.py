@@ -39,9 +39,10 @@ from redrec.data.store import EventStore
 from redrec.errors import ConfigError
 from redrec.eval.protocols import EvalCase, EvalResult, ProtocolConfig, evaluate, make_cases
 from redrec.features import FeatureConfig
-from redrec.losses import LogitScale, nce_loss, window_interest_loss
+from redrec.losses import LogitScale, effective_groups, nce_loss, window_interest_loss
 from redrec.mixing import MixingConfig
 from redrec.model.config import ModelConfig
+from redrec.model.item_towers import prepare_text_tower
 from redrec.model.redrec import RedRec
 from redrec.model.scorer import ModelScorer
 
@@ -237,10 +238,12 @@ def step_counts(batches: list[dict[str, Tensor]], query_group: Tensor) -> tuple[
     """``(next-item targets, window targets)`` of one optimizer step: summed over its micro-batches and, under
     DDP, over every rank (one all-reduce).  The loss is normalised by these, so a step's gradient is the mean over
     all of its targets, whatever the split into processes and micro-batches.  Window targets of a scenario without
-    interest queries are not counted (the window loss leaves them out)."""
+    interest queries are not counted (the window loss leaves them out); with shared queries (query group -1) every
+    window target counts (:func:`redrec.losses.effective_groups`)."""
     dev = batches[0]["mask"].device
+    qg = query_group.to(dev)
     n_next = sum(b["mask"].sum() for b in batches)
-    n_win = sum((b["window_mask"] & torch.isin(b["window_scenario"], query_group.to(dev))).sum() for b in batches)
+    n_win = sum((b["window_mask"] & torch.isin(effective_groups(b["window_scenario"], qg), qg)).sum() for b in batches)
     t = torch.stack([torch.as_tensor(n_next), torch.as_tensor(n_win)]).to(dev, torch.float64)
     _, world, _ = _dist_info()
     if world > 1:
@@ -393,10 +396,17 @@ def resolve_model_config(cfg: TrainConfig, store: EventStore) -> ModelConfig:
     m.item_tower.n_items = store.n_items
     m.scenarios = store.scenarios
     m.n_actions = len(store.actions_names)
-    if m.item_tower.kind == "features":
+    kind = m.item_tower.kind
+    if kind in ("features", "multimodal"):
         if not store.vector_dim:
-            raise ConfigError(None, "model.item_tower.kind", f"'features' needs item vectors and {store.path} has none; use 'id'")
+            what = "item vectors" if kind == "features" else "item vectors (the image features)"
+            raise ConfigError(None, "model.item_tower.kind", f"{kind!r} needs {what} and {store.path} has none; use 'id' or 'text'")
         m.item_tower.feature_dim = store.vector_dim
+    if kind in ("text", "multimodal"):
+        from redrec.model.text import encoder_width
+
+        m.item_tower.text.validate()
+        m.item_tower.text.dim = encoder_width(m.item_tower.text)
     m.user_tower.max_positions = max(m.user_tower.max_positions, cfg.mixing.last_n + 1)
     return m
 
@@ -411,14 +421,18 @@ def _lr_lambda(opt_cfg: OptimConfig, total_steps: int):
     return f
 
 
-def _param_groups(modules: list[nn.Module], wd: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+def _param_groups(modules: list[nn.Module], wd: float, lr: float, encoder_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices only (not embeddings, queries, norms, biases); a fine-tuned
+    pretrained text encoder (``item_tower...encoder``) at ``encoder_lr_scale`` x the learning rate."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for mod in modules:
         for name, p in mod.named_parameters():
             if not p.requires_grad:
                 continue
-            (decay if p.ndim >= 2 and "emb" not in name and "queries" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+            decays = p.ndim >= 2 and "emb" not in name and "queries" not in name
+            groups.setdefault((decays, ".encoder." in f".{name}"), []).append(p)
+    return [{"params": ps, "weight_decay": wd if d else 0.0, "lr": lr * (encoder_lr_scale if enc else 1.0)}
+            for (d, enc), ps in sorted(groups.items(), key=lambda kv: (kv[0][1], not kv[0][0]))]
 
 
 def validate_model(model: RedRec, store: EventStore, cases: list[EvalCase], cfg: TrainConfig, device: torch.device,
@@ -447,7 +461,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     split = make_split(store, cfg.protocol, cfg.n_valid_users, cfg.seed)
     model_cfg = resolve_model_config(cfg, store)
     torch.manual_seed(cfg.seed)
-    model = RedRec(model_cfg).to(device)
+    model = RedRec(model_cfg)
+    # text towers: item text -> cached frozen vectors, or token ids for fine-tuning (saved with the model)
+    prepare_text_tower(model, store, progress=cfg.progress and rank == 0, device=device)
+    model = model.to(device)
     scale_mod = LogitScale(1.0 / cfg.loss.init_temperature, cfg.loss.max_scale).to(device)
     examples = TrainExamples(store, split.bounds, cfg.mixing, cfg.features, cfg.data,
                              with_features=getattr(model.item_tower, "needs_features", False))
@@ -463,7 +480,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps) if cfg.epochs else cfg.max_steps
-    opt = torch.optim.AdamW(_param_groups([model, scale_mod], cfg.optim.weight_decay), lr=cfg.optim.lr,
+    opt = torch.optim.AdamW(_param_groups([model, scale_mod], cfg.optim.weight_decay, cfg.optim.lr,
+                                          model_cfg.item_tower.text.encoder_lr_scale), lr=cfg.optim.lr,
                             betas=(cfg.optim.beta1, cfg.optim.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.optim, total_steps))
     state = {"step": 0, "epoch": 0, "micro": 0, "best_valid": None}

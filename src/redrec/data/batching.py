@@ -42,12 +42,13 @@ def item_features(store: EventStore, ids: np.ndarray) -> np.ndarray | None:
 
 
 def collate(seqs: Sequence[dict[str, np.ndarray]], store: EventStore, with_features: bool) -> dict[str, Tensor]:
-    """Right-pad sequences into ``item/scenario/hour/gap/position [B,L]`` long, ``actions [B,L,A]`` float,
-    ``mask [B,L]`` bool and (features towers) ``item_feat [B,L,F]`` float."""
+    """Right-pad sequences into ``item/scenario/hour/gap/position [B,L]`` long, ``time [B,L]`` long (each event's
+    age ``t_now - t_j`` in store time units; read by the HSTU backbone), ``actions [B,L,A]`` float, ``mask [B,L]``
+    bool and (features towers) ``item_feat [B,L,F]`` float.  Padding is 0 (False)."""
     B = len(seqs)
     L = max(1, max(len(s["item"]) for s in seqs))
     A = max(1, len(store.actions_names))
-    out = {k: np.zeros((B, L), np.int64) for k in ("item", "scenario", "hour", "gap", "position")}
+    out = {k: np.zeros((B, L), np.int64) for k in ("item", "scenario", "hour", "gap", "position", "time")}
     actions = np.zeros((B, L, A), np.float32)
     mask = np.zeros((B, L), bool)
     for b, s in enumerate(seqs):
@@ -57,6 +58,7 @@ def collate(seqs: Sequence[dict[str, np.ndarray]], store: EventStore, with_featu
         out["hour"][b, :n] = s["hour"]
         out["gap"][b, :n] = s["gap_bucket"]
         out["position"][b, :n] = s["position"]
+        out["time"][b, :n] = s["age"]
         if s["actions"].shape[1]:
             actions[b, :n] = s["actions"]
         mask[b, :n] = True

@@ -74,6 +74,10 @@ class ProtocolConfig:
         ks: cut-offs K of HR@K / NDCG@K.
         max_users: evaluate a seeded random subset of at most this many eligible users.
         split: ``loo`` only: ``test`` (last event) or ``valid`` (second to last).
+        target_items: a file of item ids (one per line) that restricts the cases by their targets, e.g. the
+            ``cold_items.txt`` of a cold-start split (:mod:`redrec.data.splits`).
+        target_items_mode: ``include``: keep the cases whose targets are all listed (cold items);
+            ``exclude``: keep the cases whose targets are none of them (warm items).
     """
 
     name: Literal["redrec", "loo", "reference"] = "loo"
@@ -87,6 +91,8 @@ class ProtocolConfig:
     ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
     max_users: int | None = None
     split: Literal["test", "valid"] = "test"
+    target_items: str | None = None
+    target_items_mode: Literal["include", "exclude"] = "include"
 
     def validate(self, source: str | None = None) -> None:
         if self.name not in PROTOCOLS:
@@ -105,6 +111,8 @@ class ProtocolConfig:
             raise ConfigError(source, "max_users", f"must be >= 1 or null, got {self.max_users}")
         if self.split not in ("test", "valid"):
             raise ConfigError(source, "split", f"must be 'test' or 'valid', got {self.split!r}")
+        if self.target_items_mode not in ("include", "exclude"):
+            raise ConfigError(source, "target_items_mode", f"must be 'include' or 'exclude', got {self.target_items_mode!r}")
 
     def resolved(self, store: EventStore) -> ProtocolConfig:
         """A copy with the defaults that depend on the store filled in (target scenario, history exclusion).
@@ -183,13 +191,23 @@ def make_cases(store: EventStore, cfg: ProtocolConfig) -> list[EvalCase]:
     else:
         order = np.arange(n_users)
     limit = cfg.max_users if cfg.max_users is not None else n_users
+    full = n_users if cfg.target_items else limit  # a target filter is applied before the user limit
 
     if cfg.name == "loo":
-        cases = _loo_cases(store, cfg, order, limit)
+        cases = _loo_cases(store, cfg, order, full)
     elif cfg.name == "redrec":
-        cases = _collect(order, limit, _redrec_case_fn(store, cfg))
+        cases = _collect(order, full, _redrec_case_fn(store, cfg))
     else:
-        cases = _collect(order, limit, _reference_case_fn(store, cfg))
+        cases = _collect(order, full, _reference_case_fn(store, cfg))
+    if cfg.target_items:
+        from redrec.data.splits import read_item_list
+
+        listed = read_item_list(cfg.target_items, store)
+        want = cfg.target_items_mode == "include"
+        cases = [c for c in cases if (np.isin(c.targets, listed).all() if want else not np.isin(c.targets, listed).any())]
+        rank = np.empty(n_users, np.int64)
+        rank[order] = np.arange(len(order))
+        cases = sorted(cases, key=lambda c: rank[c.user])[:limit]
     cases.sort(key=lambda c: c.user)
     return cases
 

@@ -27,6 +27,7 @@ from redrec.data.store import EventStore
 from redrec.errors import ConfigError, DataError
 from redrec.eval.protocols import EvalCase, EvalResult, ProtocolConfig, evaluate, make_cases
 from redrec.mixing import MixingConfig
+from redrec.model.config import SHARED_GROUP
 
 #: zero-parameter models usable before any training (trained models come with checkpoints)
 ZERO_PARAMETER_MODELS = ("popularity", "meanpool")
@@ -154,7 +155,8 @@ class EmbeddingScorer:
             groups = self.users.query_group
             scenarios = self.users.manifest.get("scenarios") or list(store.scenarios)
             if scen is not None and groups is not None and scen in scenarios:
-                self._qidx = np.flatnonzero(groups == scenarios.index(scen))
+                # the scenario's own queries and the shared ones (group -1, they serve every scenario)
+                self._qidx = np.flatnonzero((groups == scenarios.index(scen)) | (groups == SHARED_GROUP))
 
     def score_cases(self, store: EventStore, cases: Sequence[EvalCase]) -> np.ndarray:
         rows = np.array([self._rows[(c.user, c.cutoff)] for c in cases], dtype=np.int64)

@@ -3,15 +3,21 @@
     item tower   E_item(i)                      -> hidden h_i  [H]
     event input  x_j = h_{i_j} + A(actions_j) + E_hour(hour_j) + E_scen(s_j) + PE_seq(j) + PE_gap(gap_j)
     user tower   decoder LLM over [x_1 .. x_L, q_1 .. q_K]     (causal over the history; queries see it all)
+                 (or a baseline encoder: SASRec, HSTU -- ``user_tower.backbone``)
     head         shared ProjectionHead H -> d, then L2 normalisation
     outputs      seq   [B, L, d]  causal user state after each event (next-item NCE, eq. 6)
                  interests [B, K, d]  one vector per query (K = queries_per_scenario x n_scenarios;
                                       window multi-interest loss, eq. A5/A6; retrieval = max over them)
+                                      readout ``last``: no queries, K = 1, the state at the last real event
                  item vectors [N, d]  E_item through the same head
 
 A batch is a dict of tensors built by :mod:`redrec.data.batching` (the same code for training, evaluation and
 serving): ``item [B,L]``, ``item_feat [B,L,F]`` (features tower), ``scenario``, ``actions [B,L,A]``,
-``hour``, ``gap``, ``position``, ``mask [B,L]`` (True = real event; right padding).
+``hour``, ``gap``, ``position``, ``time`` (event ages, HSTU only), ``mask [B,L]`` (True = real event; right
+padding).
+
+``query_group [K]`` is the scenario index of each interest vector, or :data:`SHARED_GROUP` (-1) for a vector tied
+to no scenario (``query_scope: shared``, readout ``last``): it serves, and is trained on, every scenario.
 """
 
 from __future__ import annotations
@@ -21,18 +27,25 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from redrec.baselines.hstu import HSTU
+from redrec.baselines.sasrec import SASRec
 from redrec.config import from_dict, save_yaml
 from redrec.errors import DataError
 from redrec.features import UNKNOWN_HOUR
-from redrec.model.config import ModelConfig
+from redrec.model.config import SHARED_GROUP, ModelConfig
 from redrec.model.item_towers import ProjectionHead, build_item_tower, l2norm
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
-    """The HF decoder of the user tower: built from a config, or loaded offline from a local path."""
+    """The user tower's backbone: an HF decoder (built from a config, or loaded offline from a local path), or a
+    baseline encoder (``sasrec``, ``hstu``) built from the config's sizes."""
+    u = cfg.user_tower
+    if u.backbone == "sasrec":
+        return SASRec(u.hidden_size, u.num_layers, u.num_heads, u.intermediate_size, u.dropout, u.attention_dropout)
+    if u.backbone == "hstu":
+        return HSTU(u.hidden_size, u.num_layers, u.num_heads, u.dropout, u.attention_dropout, u.max_positions)
     from transformers import AutoModel, LlamaConfig, Qwen2Config
 
-    u = cfg.user_tower
     if u.pretrained_path:
         path = Path(u.pretrained_path)
         if not path.exists():
@@ -68,7 +81,7 @@ class RedRec(nn.Module):
         self.cfg = cfg
         u = cfg.user_tower
         self.backbone = build_backbone(cfg)
-        H = int(self.backbone.config.hidden_size)
+        H = int(self.backbone.hidden_size if cfg.custom_backbone else self.backbone.config.hidden_size)
         self.hidden_size = H
         self.item_tower = build_item_tower(cfg.item_tower, H)
         n_scen = max(1, len(cfg.scenarios))
@@ -77,14 +90,18 @@ class RedRec(nn.Module):
         self.scenario_emb = nn.Embedding(n_scen, H)
         self.pos_emb = nn.Embedding(u.max_positions, H)
         self.gap_emb = nn.Embedding(u.n_gap_buckets, H)
-        self.queries = nn.Embedding(cfg.n_queries, H)
-        # scenario group of each query: [0,0,0,1,1,1,...]
-        self.register_buffer(
-            "query_group", torch.arange(n_scen).repeat_interleave(u.queries_per_scenario), persistent=False
-        )
+        # K query tokens (none with readout `last`) and the scenario group of each interest vector:
+        # [0,0,0,1,1,1,...] (scope `scenario`), all SHARED_GROUP (scope `shared`, readout `last`)
+        self.queries = nn.Embedding(cfg.n_queries, H) if u.readout == "queries" else None
+        if u.readout == "queries" and u.query_scope == "scenario":
+            group = torch.arange(n_scen).repeat_interleave(u.queries_per_scenario)
+        else:
+            group = torch.full((cfg.n_queries,), SHARED_GROUP, dtype=torch.long)
+        self.register_buffer("query_group", group, persistent=False)
         self.head = ProjectionHead(H, cfg.embed_dim, cfg.head_dropout)
         for emb in (self.hour_emb, self.scenario_emb, self.pos_emb, self.gap_emb, self.queries):
-            nn.init.normal_(emb.weight, std=0.02)
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.02)
         nn.init.normal_(self.action_emb.weight, std=0.02)
 
     # -- item side ---------------------------------------------------------------------------------------------
@@ -115,15 +132,20 @@ class RedRec(nn.Module):
             x = x + self.gap_emb(batch["gap"].clamp(max=u.n_gap_buckets - 1))
         return x
 
-    def attention_mask(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
-        """Additive float mask ``[B, 1, L+K, L+K]`` (0 = may attend, dtype-min = may not).
+    @property
+    def n_query_tokens(self) -> int:
+        """Query tokens appended after the history: K with readout ``queries``, 0 with ``last``."""
+        return self.cfg.n_queries if self.queries is not None else 0
+
+    def attention_allow(self, mask: Tensor) -> Tensor:
+        """Boolean ``[B, T, T]`` (``T = L + query tokens``): True where row may attend to column.
 
         History rows attend causally to real history events; query rows attend to every real history event and to
         themselves (and to the other queries when ``queries_see_each_other``); padding rows attend to themselves
-        only (no all-masked row, so no NaN).  HF eager attention ignores boolean 4-D masks: this one is float.
+        only (no all-masked row, so no NaN).
         """
         B, L = mask.shape
-        K = self.cfg.n_queries
+        K = self.n_query_tokens
         T = L + K
         dev = mask.device
         allow = torch.zeros(B, T, T, dtype=torch.bool, device=dev)
@@ -133,8 +155,13 @@ class RedRec(nn.Module):
         if self.cfg.user_tower.queries_see_each_other:
             allow[:, L:, L:] = True
         eye = torch.eye(T, dtype=torch.bool, device=dev)
-        allow |= eye[None]
-        out = torch.zeros(B, 1, T, T, dtype=dtype, device=dev)
+        return allow | eye[None]
+
+    def attention_mask(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
+        """:meth:`attention_allow` as the additive float mask ``[B, 1, T, T]`` of HF decoders (0 = may attend,
+        dtype-min = may not).  HF eager attention ignores boolean 4-D masks: this one is float."""
+        allow = self.attention_allow(mask)
+        out = torch.zeros(allow.shape[0], 1, *allow.shape[1:], dtype=dtype, device=mask.device)
         out.masked_fill_(~allow[:, None], torch.finfo(dtype).min)
         return out
 
@@ -143,24 +170,39 @@ class RedRec(nn.Module):
 
         Returns:
             ``seq`` [B, L, d] unit causal states (row t has seen events 0..t), ``interests`` [B, K, d] unit
-            interest vectors, ``item_h`` [B, L, H] the history items' hidden vectors (reusable by losses).
+            interest vectors (readout ``last``: K = 1, the state at each user's last real event), ``item_h``
+            [B, L, H] the history items' hidden vectors (reusable by losses).
         """
+        u = self.cfg.user_tower
         mask = batch["mask"]
         B, L = mask.shape
-        K = self.cfg.n_queries
+        K = self.n_query_tokens
         item_h = self.item_hidden(batch["item"], batch.get("item_feat"))
-        x = self.event_inputs(batch, item_h)
-        q = self.queries.weight[None].expand(B, K, -1)
-        if self.cfg.user_tower.use_scenario:
-            q = q + self.scenario_emb(self.query_group)[None]
-        h = torch.cat([x, q.to(x.dtype)], dim=1)
+        h = self.event_inputs(batch, item_h)
+        if self.queries is not None:
+            q = self.queries.weight[None].expand(B, K, -1)
+            if u.use_scenario and u.query_scope == "scenario":
+                q = q + self.scenario_emb(self.query_group)[None]
+            h = torch.cat([h, q.to(h.dtype)], dim=1)
         lengths = mask.sum(1)
-        # RoPE positions: history 0..L-1, every query at the position right after the user's last event
+        # positions (RoPE, HSTU's relative bias): history 0..L-1, every query right after the user's last event
         pos = torch.cat([torch.arange(L, device=mask.device)[None].expand(B, L), lengths[:, None].expand(B, K)], 1)
-        attn = self.attention_mask(mask, h.dtype)
-        out = self.backbone(inputs_embeds=h, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
+        if self.cfg.custom_backbone:
+            time = batch.get("time")
+            if time is None and u.backbone == "hstu":
+                raise DataError(None, "time", "the hstu backbone needs the batch's event times (redrec.data.batching.collate)")
+            # query tokens sit at t_now: age 0
+            time = torch.cat([time, time.new_zeros(B, K)], 1) if time is not None else None
+            out = self.backbone(h, self.attention_allow(mask), pos, time)
+        else:
+            attn = self.attention_mask(mask, h.dtype)
+            out = self.backbone(inputs_embeds=h, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
         z = l2norm(self.head(out))
-        return {"seq": z[:, :L], "interests": z[:, L:], "item_h": item_h}
+        if self.queries is not None:
+            interests = z[:, L:]
+        else:  # the causal state at the last real event (row 0, a padding state, for an empty history)
+            interests = z[torch.arange(B, device=z.device), (lengths - 1).clamp(min=0)][:, None]
+        return {"seq": z[:, :L], "interests": interests, "item_h": item_h}
 
     # -- save / load -------------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:

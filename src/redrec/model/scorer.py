@@ -13,6 +13,7 @@ from redrec.data.store import EventStore
 from redrec.eval.protocols import EvalCase, ProtocolConfig, case_sequence
 from redrec.features import FeatureConfig
 from redrec.mixing import MixingConfig
+from redrec.model.config import SHARED_GROUP
 from redrec.model.redrec import RedRec
 
 
@@ -35,8 +36,9 @@ class ModelScorer:
     Args:
         model: the model.
         mixing, features: how inputs are built (the same configs as training).
-        queries: ``all`` (max over every interest) or ``target_scenario`` (the target scenario's queries only;
-            falls back to all when the protocol has no target scenario).
+        queries: ``all`` (max over every interest) or ``target_scenario`` (the target scenario's queries and the
+            shared ones (query group -1, which serve every scenario); all of them when the protocol has no target
+            scenario or the model has no query for it).
     """
 
     name = "red-rec"
@@ -59,8 +61,9 @@ class ModelScorer:
         if self.queries == "target_scenario" and cfg is not None:
             scen = cfg.resolved(store).target_scenario
             if scen is not None:
-                g = store.scenarios.index(scen)
-                self._query_index = torch.nonzero(self.model.query_group.cpu() == g).flatten()
+                qg = self.model.query_group.cpu()
+                idx = torch.nonzero((qg == store.scenarios.index(scen)) | (qg == SHARED_GROUP)).flatten()
+                self._query_index = idx if 0 < len(idx) < len(qg) else None
 
     @torch.no_grad()
     def score_cases(self, store: EventStore, cases: Sequence[EvalCase]) -> np.ndarray:

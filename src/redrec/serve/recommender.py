@@ -221,7 +221,9 @@ class Recommender:
         self.scenarios = list(store.scenarios)
         self.needs_features = bool(getattr(model.item_tower, "needs_features", False))
         self.query_group = model.query_group.cpu().numpy().astype(np.int64)
-        self.query_scenarios = [self.scenarios[g] if g < len(self.scenarios) else str(g) for g in self.query_group]
+        # group -1: a shared query tied to no scenario (query_scope shared, readout last)
+        self.query_scenarios = ["any" if g < 0 else self.scenarios[g] if g < len(self.scenarios) else str(g)
+                                for g in self.query_group]
         self.pools: dict[str | None, Pool] = {None: Pool("all", item_vectors, None, index, engine_config)}
         for s, ids in self.subsets.items():
             if len(ids) == len(item_vectors):  # every item: share the full pool's vectors (exact engine)
