@@ -133,6 +133,10 @@ class UserTowerConfig:
         queries_per_scenario: K learnable interest queries per scenario (paper: 3), or in total when shared.
         queries_see_each_other: whether the interest queries attend to each other (default: no; each query
             sees the whole history and itself, so the K interests are computed independently).
+        queries_causal: query k attends to queries 0..k (plain causal attention over history + queries, as in
+            RedSeqRec); takes precedence over ``queries_see_each_other``.
+        query_positions: ``same``: every query at the position right after the user's last event; ``sequential``:
+            query k at that position + k (RedSeqRec).
         gradient_checkpointing: trade compute for memory in the backbone.
     """
 
@@ -158,6 +162,8 @@ class UserTowerConfig:
     query_scope: Literal["scenario", "shared"] = "scenario"
     queries_per_scenario: int = 3
     queries_see_each_other: bool = False
+    queries_causal: bool = False
+    query_positions: Literal["same", "sequential"] = "same"
     gradient_checkpointing: bool = False
 
 

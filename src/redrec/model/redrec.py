@@ -141,7 +141,8 @@ class RedRec(nn.Module):
         """Boolean ``[B, T, T]`` (``T = L + query tokens``): True where row may attend to column.
 
         History rows attend causally to real history events; query rows attend to every real history event and to
-        themselves (and to the other queries when ``queries_see_each_other``); padding rows attend to themselves
+        themselves (and to the other queries when ``queries_see_each_other``, or to the earlier ones when
+        ``queries_causal``); padding rows attend to themselves
         only (no all-masked row, so no NaN).
         """
         B, L = mask.shape
@@ -152,7 +153,9 @@ class RedRec(nn.Module):
         causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
         allow[:, :L, :L] = causal[None] & mask[:, None, :] & mask[:, :, None]
         allow[:, L:, :L] = mask[:, None, :]
-        if self.cfg.user_tower.queries_see_each_other:
+        if self.cfg.user_tower.queries_causal:
+            allow[:, L:, L:] = torch.ones(K, K, dtype=torch.bool, device=dev).tril()
+        elif self.cfg.user_tower.queries_see_each_other:
             allow[:, L:, L:] = True
         eye = torch.eye(T, dtype=torch.bool, device=dev)
         return allow | eye[None]
@@ -186,7 +189,11 @@ class RedRec(nn.Module):
             h = torch.cat([h, q.to(h.dtype)], dim=1)
         lengths = mask.sum(1)
         # positions (RoPE, HSTU's relative bias): history 0..L-1, every query right after the user's last event
-        pos = torch.cat([torch.arange(L, device=mask.device)[None].expand(B, L), lengths[:, None].expand(B, K)], 1)
+        # (``query_positions: sequential``: query k at that position + k)
+        qpos = lengths[:, None].expand(B, K)
+        if u.query_positions == "sequential":
+            qpos = qpos + torch.arange(K, device=mask.device)[None]
+        pos = torch.cat([torch.arange(L, device=mask.device)[None].expand(B, L), qpos], 1)
         if self.cfg.custom_backbone:
             time = batch.get("time")
             if time is None and u.backbone == "hstu":

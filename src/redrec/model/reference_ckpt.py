@@ -440,6 +440,7 @@ def reference_model_config(
         intermediate_size=int(hf.intermediate_size), use_item=True, use_actions=use_actions and n_actions > 0,
         use_hour=use_hour, use_scenario=False, use_position=use_position, use_time_gap=False,
         max_positions=200 if use_position else 1024, queries_per_scenario=n_queries, queries_see_each_other=False,
+        queries_causal=True, query_positions="sequential",
     )
     # fields other helpers add; without them the queries would be counted per scenario (checked below)
     if hasattr(user, "readout"):
@@ -793,9 +794,9 @@ def _add_notes(model: Any, rep: ReferenceLoadReport) -> None:
     rep.notes += [
         "item slot: the reference overwrites every token id 0 ('!' in Qwen's vocabulary) with item_emb_tokens; ours "
         "is an added token, so items whose text contains '!' get different vectors",
-        "queries: in the reference each query also attends to the queries before it (plain causal attention) and "
-        "query k sits at RoPE position T+k (T = padded history length); ours attend to the history and themselves "
-        "(queries_see_each_other: false), all at the position after the last event, so only the first interest matches",
+        "queries: as in the reference, query k attends to the history and queries 0..k (queries_causal) at RoPE "
+        "position length+k (query_positions: sequential); the reference uses the padded history length T, so "
+        "positions agree for the longest user of a padded batch and for unpadded input",
         f"user input: build sequences with mixing policy 'naive' and quotas {REFERENCE_QUOTAS} (scenario blocks "
         "concatenated in the reference order); the reference pads each block in place (RoPE positions of the ads "
         "block shift when homefeed has fewer than 96 events), ours are contiguous",
