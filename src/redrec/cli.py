@@ -166,6 +166,30 @@ def data_stats(
     typer.echo(json.dumps(st, indent=2) if as_json else format_stats(st))
 
 
+@data_app.command("cold-split")
+@_clean_errors
+def data_cold_split(
+    store: Path = typer.Argument(..., help="Event store directory (the full store)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Training store to create (with cold_items.txt inside)."),
+    fraction: float = typer.Option(0.1, help="Fraction of the items with events held out as cold items."),
+    seed: int = typer.Option(0, help="Seed of the cold item draw."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output store."),
+) -> None:
+    """Cold-start split: a training store without the cold items' events and without each user's last event.
+
+    Train on OUT, then evaluate on the full STORE under loo with --target-items OUT/cold_items.txt
+    (--target-items-mode include: cold targets; exclude: warm targets).
+    """
+    from redrec.data.splits import COLD_ITEMS_FILE, cold_start_split
+    from redrec.data.store import EventStore
+
+    full = EventStore(store)
+    new = cold_start_split(full, out, fraction=fraction, seed=seed, overwrite=overwrite)
+    n_cold = sum(1 for line in (new.path / COLD_ITEMS_FILE).read_text().splitlines() if line.strip())
+    typer.echo(f"wrote {new.path}: {new.n_users:,} users, {new.n_events:,} of {full.n_events:,} events; "
+               f"{n_cold:,} cold items in {new.path / COLD_ITEMS_FILE}")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # eval
 # --------------------------------------------------------------------------------------------------------------
@@ -187,6 +211,8 @@ def eval_cmd(
     pool: str | None = typer.Option(None, help="full or sampled candidate pool."),
     n_sampled: int | None = typer.Option(None, help="Sampled pool size (besides the targets)."),
     max_users: int | None = typer.Option(None, help="Evaluate a seeded random subset of users."),
+    target_items: Path | None = typer.Option(None, "--target-items", help="Keep only cases whose targets are listed in this file (item ids, one per line; e.g. a cold-start split's cold_items.txt)."),
+    target_items_mode: str | None = typer.Option(None, "--target-items-mode", help="include (targets all listed: cold items) or exclude (none listed: warm items)."),
     seed: int | None = typer.Option(None, help="Seed of cutoffs, user subsets and sampled pools."),
     policy: str | None = typer.Option(None, help="Mixing policy for history-based models (2d, timestamp, naive, 1d_position, 1d_timestamp)."),
     last_n: int | None = typer.Option(None, help="Sequence budget of the mixing policy."),
@@ -208,7 +234,8 @@ def eval_cmd(
     for key, val in (
         ("store", str(store) if store else None), ("protocol.name", protocol), ("protocol.target_scenario", target_scenario),
         ("protocol.pool", pool), ("protocol.n_sampled", n_sampled), ("protocol.max_users", max_users),
-        ("protocol.seed", seed), ("mixing.policy", policy), ("mixing.last_n", last_n), ("models", list(model) if model else None),
+        ("protocol.target_items", str(target_items) if target_items else None),
+        ("protocol.target_items_mode", target_items_mode), ("protocol.seed", seed), ("mixing.policy", policy), ("mixing.last_n", last_n), ("models", list(model) if model else None),
         ("checkpoint", str(checkpoint) if checkpoint else None), ("queries", queries),
         ("item_embeddings", str(item_embeddings) if item_embeddings else None),
         ("user_embeddings", str(user_embeddings) if user_embeddings else None),
@@ -416,47 +443,120 @@ def train_cmd(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------------------------------
+bench_app = typer.Typer(
+    help="Benchmarks: train and evaluate models or ablation presets over several seeds (mean ± std, JSON, "
+    "plots); write the markdown report.",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("run")
+@_clean_errors
+def bench_run_cmd(
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="Event store, or a dataset folder (events.csv[.gz] / events.parquet, or `redrec data synth` output) imported once into OUT/store."),
+    preset: str | None = typer.Option(None, "--preset", "-p", help="Ablation preset: cross_scenario, mixing, interests, seq_len or baselines."),
+    models: str | None = typer.Option(None, "--models", "-m", help="Comma-separated models (besides the preset's): popularity, meanpool, redrec, sasrec, hstu, hllm, morec, or a variant of --bench-config."),
+    seeds: int | None = typer.Option(None, "--seeds", help="Number of seeds, 0 .. n-1 (default 3)."),
+    config: str | None = typer.Option(None, "--config", "-c", help="Base TrainConfig YAML of every trained variant (see configs/bench/)."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override a base config field for every variant: key=value (dotted keys; applied after a baseline preset's overrides; a field an ablation preset varies is an error)."),
+    bench_config: Path | None = typer.Option(None, "--bench-config", "-b", help="YAML BenchConfig (dataset, config, preset, models, variants, seeds, ...); flags override it."),
+    out: str | None = typer.Option(None, "--out", "-o", help="Bench directory (runs, bench.json, plots; default bench_out). A rerun skips finished runs."),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress", help="Progress bars of every run's training and evaluation (default off)."),
+) -> None:
+    """Train and evaluate every variant for every seed; print mean ± std per metric; write OUT/bench.json and PNG plots."""
+    from redrec.bench import argv_command, load_bench_config, run_bench
+    from redrec.bench_report import format_bench
+
+    ov: dict[str, Any] = {}
+    for k, v in (("dataset", dataset), ("preset", preset), ("seeds", seeds), ("config", config), ("out", out), ("progress", progress)):
+        if v is not None:
+            ov[k] = v
+    if models is not None:
+        ov["models"] = [m.strip() for m in models.split(",") if m.strip()]
+    cfg = load_bench_config(bench_config, ov, _parse_overrides(set_))
+    bench = run_bench(cfg, command=argv_command(), log=typer.echo)
+    typer.echo("")
+    typer.echo(format_bench(bench))
+    new = sum(not r["skipped"] for r in bench["runs"])
+    typer.echo(f"\n{len(bench['runs'])} runs ({new} run now, {len(bench['runs']) - new} read back) in "
+               f"{bench['total_wall_time_s'] / 60:.1f} min; {Path(cfg.out) / 'bench.json'}, plots {', '.join(bench['plots'])}")
+
+
+@bench_app.command("report")
+@_clean_errors
+def bench_report_cmd(
+    benches: list[Path] = typer.Argument(..., help="Bench directories (each with the bench.json of `redrec bench run`)."),
+    out: Path = typer.Option(Path("docs/results.md"), "--out", "-o", help="Markdown file; the plots are drawn beside it into a folder of its name (docs/results/<bench>/)."),
+) -> None:
+    """Write the markdown report: per bench its command, seeds, machine, mean ± std table, plots and reading."""
+    from redrec.bench import argv_command
+    from redrec.bench_report import write_report
+
+    path = write_report(benches, out, command=argv_command())
+    typer.echo(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------------------------------------------
 # demo
 # --------------------------------------------------------------------------------------------------------------
 @app.command("demo")
 @_clean_errors
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Working directory (data, store, run, results)."),
+    dataset: Path | None = typer.Option(None, "--dataset", "-d", help="Instead of synthetic data: a dataset folder in the neutral layout (events.csv.gz + items.csv, e.g. ../shared/datasets/ml-1m). Items with titles get the bundled all-MiniLM-L6-v2 text item tower."),
     users: int = typer.Option(2000, help="Synthetic users."),
     items: int = typer.Option(8000, help="Synthetic items."),
     epochs: int = typer.Option(6, help="Training epochs of RED-Rec (0 = baselines only)."),
     seed: int = typer.Option(0, help="Seed of the data, the split and the training."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """End to end on the embedded synthetic default: synthesise, import, train RED-Rec, compare with baselines."""
+    """End to end: synthesise (or import --dataset), train RED-Rec, compare with zero-parameter baselines."""
     import time
 
     from redrec.baselines import MeanPoolScorer, PopularityScorer
     from redrec.config import from_dict, to_dict
-    from redrec.data.redmmu import import_redmmu
     from redrec.data.stats import format_stats, store_stats
-    from redrec.data.synth import SynthConfig, write_synthetic
     from redrec.eval.protocols import evaluate
     from redrec.eval.report import format_table, write_json
     from redrec.train import load_train_config, make_split, train
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    scfg = from_dict(SynthConfig, {**to_dict(SynthConfig()), "n_users": users, "n_items": items, "seed": seed})
-    typer.echo(f"[1/4] synthesising RED-MMU-shaped data: {users:,} users, {items:,} items -> {out / 'redmmu'}")
-    write_synthetic(out / "redmmu", scfg)
-    typer.echo(f"[2/4] importing into an event store -> {out / 'store'}")
-    store = import_redmmu(out / "redmmu", out / "store", overwrite=True, progress=progress)
-    typer.echo(format_stats(store_stats(store)))
+    if dataset is None:
+        from redrec.data.redmmu import import_redmmu
+        from redrec.data.synth import SynthConfig, write_synthetic
+
+        scfg = from_dict(SynthConfig, {**to_dict(SynthConfig()), "n_users": users, "n_items": items, "seed": seed})
+        typer.echo(f"[1/4] synthesising RED-MMU-shaped data: {users:,} users, {items:,} items -> {out / 'redmmu'}")
+        write_synthetic(out / "redmmu", scfg)
+        typer.echo(f"[2/4] importing into an event store -> {out / 'store'}")
+        store = import_redmmu(out / "redmmu", out / "store", overwrite=True, progress=progress)
+        typer.echo(format_stats(store_stats(store)))
+        overrides: dict[str, Any] = {"protocol.name": "redrec", "protocol.target_scenario": "ads"}
+        what = "protocol redrec, target scenario ads"
+    else:
+        from redrec.data.events import import_events
+
+        if not (dataset / "events.csv.gz").exists() and not (dataset / "events.parquet").exists():
+            raise RedrecError(f"{dataset}: no events.csv.gz or events.parquet (the neutral dataset layout)")
+        typer.echo(f"[1/4] importing {dataset} -> {out / 'store'}")
+        store = import_events(dataset, out / "store", overwrite=True, progress=progress)
+        typer.echo(format_stats(store_stats(store)))
+        overrides, what = _demo_dataset_overrides(store)
+        typer.echo(f"[2/4] {what}")
     cfg = load_train_config(None, {
-        "store": str(out / "store"), "out": str(out / "run"), "seed": seed, "epochs": max(1, epochs),
-        "protocol.name": "redrec", "protocol.target_scenario": "ads", "protocol.seed": seed,
-        "n_valid_users": min(200, users // 10), "resume": False, "progress": progress, "test_at_end": epochs > 0,
+        **overrides, "store": str(out / "store"), "out": str(out / "run"), "seed": seed, "epochs": max(1, epochs),
+        "protocol.seed": seed, "n_valid_users": min(200, store.n_users // 10), "resume": False, "progress": progress,
+        "test_at_end": epochs > 0,
     })
+    # mean-pooled history needs precomputed item vectors (the synthetic RED-MMU data has them)
+    baselines = [PopularityScorer()] + ([MeanPoolScorer(cfg.mixing)] if store.vector_dim else [])
     split = make_split(store, cfg.protocol, cfg.n_valid_users, cfg.seed)
-    typer.echo(f"[3/4] baselines on the {len(split.test):,} test users (protocol redrec, target scenario ads)")
-    results = [evaluate(store, split.test, s, cfg.protocol, progress=False, keep_per_user=False)
-               for s in (PopularityScorer(), MeanPoolScorer(cfg.mixing))]
+    typer.echo(f"[3/4] baselines on the {len(split.test):,} test users ({what.split(';')[0]})")
+    results = [evaluate(store, split.test, s, cfg.protocol, progress=False, keep_per_user=False) for s in baselines]
     if epochs > 0:
         typer.echo(f"[4/4] training RED-Rec ({epochs} epochs) -> {out / 'run'}")
         summary = train(cfg)
@@ -465,6 +565,66 @@ def demo(
     typer.echo(format_table(results, style="plain"))
     write_json(out / "results.json", results)
     typer.echo(f"\nresults: {out / 'results.json'}   total {time.perf_counter() - t0:.0f} s")
+
+
+def _demo_dataset_overrides(store: Any) -> tuple[dict[str, Any], str]:
+    """Train-config overrides for ``redrec demo --dataset``: protocol, mixing and item tower from the data.
+
+    One scenario: ``loo``, the last 50 events.  Several: ``redrec`` on the first scenario, 2-D mixing over 32.
+    Items with a ``title``: the frozen all-MiniLM-L6-v2 text tower (mean pooling) plus a zero-initialised id
+    embedding (text + id: items trained on are told apart even when titles say little; unseen items keep their
+    text vector).  No titles: the id tower.
+    """
+    import pyarrow.compute as pc
+
+    ov: dict[str, Any] = {
+        "model.user_tower.hidden_size": 64, "model.user_tower.num_layers": 2, "model.user_tower.num_heads": 2,
+        "model.user_tower.num_kv_heads": 1, "model.user_tower.intermediate_size": 256, "batch_size": 128,
+        "data.n_negatives": 1024, "optim.warmup_steps": 100,
+    }
+    if len(store.scenarios) == 1:
+        ov.update({"protocol.name": "loo", "mixing.policy": "timestamp", "mixing.last_n": 50,
+                   "data.window_mode": "last", "data.window": 3, "data.random_cutoff": 0.0})
+        proto = "protocol loo (full ranking, history excluded)"
+    else:
+        ov.update({"protocol.name": "redrec", "protocol.target_scenario": store.scenarios[0], "mixing.policy": "2d",
+                   "mixing.last_n": 32, "data.window": 3})
+        proto = f"protocol redrec, target scenario {store.scenarios[0]}"
+    if "title" in store.item_fields:
+        col = store.items_table(["title"]).column(0)
+        coverage = 1.0 - (pc.sum(pc.or_(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), ""))).as_py() or 0) / max(1, len(col))
+        ov.update({"model.item_tower.kind": "text", "model.item_tower.text.model_path": "minilm",
+                   "model.item_tower.text.fields": {"title": 200}, "model.item_tower.text.pooling": "mean",
+                   "model.item_tower.text.max_tokens": 48, "model.item_tower.text.id_embedding": True})
+        tower = f"text + id item tower: all-MiniLM-L6-v2 over titles ({coverage:.0%} of items have one)"
+    else:
+        ov["model.item_tower.kind"] = "id"
+        tower = "id item tower (the items have no titles)"
+    return ov, f"{proto}; {tower}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# convert-reference
+# --------------------------------------------------------------------------------------------------------------
+@app.command("convert-reference")
+@_clean_errors
+def convert_reference_cmd(
+    ckpt: Path = typer.Argument(..., help="RedSeqRec checkpoint: .bin/.pt, .safetensors, *.index.json, or a DeepSpeed ZeRO directory."),
+    base_model: Path = typer.Option(..., "--base-model", help="Base Qwen2 directory of the item LLM (config.json + tokenizer), e.g. Qwen2.5-1.5B."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output redrec model directory (config.yaml, model.safetensors, reference_conversion.json)."),
+    user_base_model: Path | None = typer.Option(None, "--user-base-model", help="Base directory of the user LLM (default: --base-model)."),
+    store: Path | None = typer.Option(None, "--store", "-s", help="Event store the model is built for: its items (text fields title/content/ocr), scenarios and action flags."),
+    tag: str | None = typer.Option(None, "--tag", help="DeepSpeed tag directory to read instead of the one 'latest' names."),
+    strict: bool = typer.Option(True, "--strict/--no-strict", help="Fail on missing, unexpected or mis-shaped keys (default), or load anyway and list them."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+) -> None:
+    """Load the published RedSeqRec checkpoint (Red-Mmu-Rec-Multiscene-Qwen2.5-1.5b) into a redrec model directory."""
+    from redrec.model.reference_ckpt import convert_reference
+
+    rep = convert_reference(ckpt, base_model, out, user_base_model_dir=user_base_model, store=store, strict=strict,
+                            tag=tag, overwrite=overwrite)
+    typer.echo(rep.summary())
+    typer.echo(f"wrote {out} (key report: {out / 'reference_conversion.json'})")
 
 
 def main() -> None:
