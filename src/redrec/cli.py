@@ -571,9 +571,9 @@ def _demo_dataset_overrides(store: Any) -> tuple[dict[str, Any], str]:
     """Train-config overrides for ``redrec demo --dataset``: protocol, mixing and item tower from the data.
 
     One scenario: ``loo``, the last 50 events.  Several: ``redrec`` on the first scenario, 2-D mixing over 32.
-    Items with a ``title``: the frozen all-MiniLM-L6-v2 text tower (mean pooling) plus a zero-initialised id
-    embedding (text + id: items trained on are told apart even when titles say little; unseen items keep their
-    text vector).  No titles: the id tower.
+    Items with a ``title``: the frozen all-MiniLM-L6-v2 text tower (mean pooling), plus a zero-initialised id
+    embedding when fewer than 90% of the items have a title (items without text are then still told apart).
+    No titles: the id tower.
     """
     import pyarrow.compute as pc
 
@@ -595,8 +595,9 @@ def _demo_dataset_overrides(store: Any) -> tuple[dict[str, Any], str]:
         coverage = 1.0 - (pc.sum(pc.or_(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), ""))).as_py() or 0) / max(1, len(col))
         ov.update({"model.item_tower.kind": "text", "model.item_tower.text.model_path": "minilm",
                    "model.item_tower.text.fields": {"title": 200}, "model.item_tower.text.pooling": "mean",
-                   "model.item_tower.text.max_tokens": 48, "model.item_tower.text.id_embedding": True})
-        tower = f"text + id item tower: all-MiniLM-L6-v2 over titles ({coverage:.0%} of items have one)"
+                   "model.item_tower.text.max_tokens": 48, "model.item_tower.text.id_embedding": coverage < 0.9})
+        tower = f"text item tower: all-MiniLM-L6-v2 over titles ({coverage:.0%} of items have one)" + (
+            " + id embedding" if coverage < 0.9 else "")
     else:
         ov["model.item_tower.kind"] = "id"
         tower = "id item tower (the items have no titles)"
