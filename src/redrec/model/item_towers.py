@@ -122,7 +122,7 @@ class TextItemTower(nn.Module):
 
     needs_features = False
 
-    def __init__(self, cfg: ItemTowerConfig, hidden: int):
+    def __init__(self, cfg: ItemTowerConfig, hidden: int, pretrained_weights: bool = True):
         super().__init__()
         t = cfg.text
         t.validate()
@@ -136,7 +136,7 @@ class TextItemTower(nn.Module):
 
             tok = ItemTokenizer(t)
             self.slot_id = tok.slot_id
-            self.encoder = load_encoder(t, len(tok))
+            self.encoder = load_encoder(t, len(tok), pretrained_weights)
             if t.gradient_checkpointing:  # transformers >= 5 renamed it
                 enable = getattr(self.encoder, "activation_checkpointing_enable", None) or self.encoder.gradient_checkpointing_enable
                 enable()
@@ -215,11 +215,11 @@ class MultimodalItemTower(nn.Module):
 
     needs_features = True
 
-    def __init__(self, cfg: ItemTowerConfig, hidden: int):
+    def __init__(self, cfg: ItemTowerConfig, hidden: int, pretrained_weights: bool = True):
         super().__init__()
         if cfg.feature_dim < 1:
             raise ValueError("ItemTowerConfig.feature_dim (the image vector width) must be set for the multimodal tower")
-        self.text = TextItemTower(cfg, hidden)
+        self.text = TextItemTower(cfg, hidden, pretrained_weights)
         self.image = nn.Sequential(
             nn.LayerNorm(cfg.feature_dim), nn.Linear(cfg.feature_dim, cfg.mlp_hidden), nn.GELU(),
             nn.Dropout(cfg.dropout), nn.Linear(cfg.mlp_hidden, hidden),
@@ -240,15 +240,16 @@ class MultimodalItemTower(nn.Module):
         return torch.where((has_txt | has_img)[..., None], h, self.none.to(h.dtype))
 
 
-def build_item_tower(cfg: ItemTowerConfig, hidden: int) -> nn.Module:
+def build_item_tower(cfg: ItemTowerConfig, hidden: int, pretrained_weights: bool = True) -> nn.Module:
+    """The item tower of ``cfg.kind``; ``pretrained_weights=False`` skips reading a text encoder's weights."""
     if cfg.kind == "id":
         return IdItemTower(cfg, hidden)
     if cfg.kind == "features":
         return FeatureItemTower(cfg, hidden)
     if cfg.kind == "text":
-        return TextItemTower(cfg, hidden)
+        return TextItemTower(cfg, hidden, pretrained_weights)
     if cfg.kind == "multimodal":
-        return MultimodalItemTower(cfg, hidden)
+        return MultimodalItemTower(cfg, hidden, pretrained_weights)
     raise ValueError(f"unknown item tower kind {cfg.kind!r}")
 
 

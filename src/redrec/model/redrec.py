@@ -36,9 +36,10 @@ from redrec.model.config import SHARED_GROUP, ModelConfig
 from redrec.model.item_towers import ProjectionHead, build_item_tower, l2norm
 
 
-def build_backbone(cfg: ModelConfig) -> nn.Module:
+def build_backbone(cfg: ModelConfig, pretrained_weights: bool = True) -> nn.Module:
     """The user tower's backbone: an HF decoder (built from a config, or loaded offline from a local path), or a
-    baseline encoder (``sasrec``, ``hstu``) built from the config's sizes."""
+    baseline encoder (``sasrec``, ``hstu``) built from the config's sizes.  ``pretrained_weights=False`` builds a
+    pretrained path's architecture without reading its weights (a saved model's state dict follows)."""
     u = cfg.user_tower
     if u.backbone == "sasrec":
         return SASRec(u.hidden_size, u.num_layers, u.num_heads, u.intermediate_size, u.dropout, u.attention_dropout)
@@ -50,7 +51,13 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
         path = Path(u.pretrained_path)
         if not path.exists():
             raise DataError(path, "user_tower.pretrained_path", "no such directory (pretrained models load from a local path)")
-        model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation=u.attn_implementation)
+        if pretrained_weights:
+            model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation=u.attn_implementation)
+        else:
+            from transformers import AutoConfig
+
+            model = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True),
+                                          attn_implementation=u.attn_implementation)
     else:
         common = dict(
             vocab_size=2,  # unused: the tower runs on inputs_embeds
@@ -75,15 +82,17 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
 class RedRec(nn.Module):
     """The RED-Rec two-tower model.  See the module docstring for the data flow."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, pretrained_weights: bool = True):
+        """``pretrained_weights=False``: pretrained towers get their architecture only (no weight file is read;
+        :meth:`from_pretrained` loads a saved state dict over them)."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         u = cfg.user_tower
-        self.backbone = build_backbone(cfg)
+        self.backbone = build_backbone(cfg, pretrained_weights)
         H = int(self.backbone.hidden_size if cfg.custom_backbone else self.backbone.config.hidden_size)
         self.hidden_size = H
-        self.item_tower = build_item_tower(cfg.item_tower, H)
+        self.item_tower = build_item_tower(cfg.item_tower, H, pretrained_weights)
         n_scen = max(1, len(cfg.scenarios))
         self.action_emb = nn.Linear(max(1, cfg.n_actions), H, bias=False)  # multi-hot @ W = sum of flag embeddings
         self.hour_emb = nn.Embedding(UNKNOWN_HOUR + 1, H)
@@ -236,7 +245,7 @@ class RedRec(nn.Module):
             if not (path / f).exists():
                 raise DataError(path / f, None, "missing: not a redrec model directory")
         cfg = from_dict(ModelConfig, yaml.safe_load((path / "config.yaml").read_text()), source=path / "config.yaml")
-        model = cls(cfg)
+        model = cls(cfg, pretrained_weights=False)  # every weight comes from the saved state dict
         state = load_file(str(path / "model.safetensors"), device=map_location)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:

@@ -135,14 +135,19 @@ class ItemTokenizer:
         return ids, lengths
 
 
-def load_encoder(cfg: TextTowerConfig, n_tokens: int) -> torch.nn.Module:
+def load_encoder(cfg: TextTowerConfig, n_tokens: int, pretrained_weights: bool = True) -> torch.nn.Module:
     """The HF base model at ``cfg.model_path`` (offline) with its input embeddings grown to ``n_tokens``.
 
-    New rows (the slot token) start as the mean of the existing rows.
+    New rows (the slot token) start as the mean of the existing rows.  ``pretrained_weights=False`` builds the
+    architecture from its ``config.json`` only (a saved state dict is loaded over it).
     """
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
 
-    model = AutoModel.from_pretrained(resolve_model_path(cfg.model_path), local_files_only=True)
+    path = resolve_model_path(cfg.model_path)
+    if pretrained_weights:
+        model = AutoModel.from_pretrained(path, local_files_only=True)
+    else:
+        model = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
     emb = model.get_input_embeddings()
     old = emb.weight.shape[0]
     if n_tokens > old:
