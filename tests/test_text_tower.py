@@ -336,3 +336,38 @@ def test_cold_start_text_tower_ranks_unseen_items_id_tower_cannot(topic_store, t
         hr[kind] = run_eval(from_dict(EvalConfig, d), progress=False)[0].metrics["hr@50"]
     # 240 items in 6 topics: ranking a cold item among its topic's 40 gives HR@50 near 1; random is ~0.2
     assert hr["text"] > 0.8 and hr["id"] < 0.5, hr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the demo path for datasets with titles
+# --------------------------------------------------------------------------------------------------------------
+def test_demo_dataset_uses_the_text_tower(tmp_path, monkeypatch):
+    """`redrec demo --dataset DIR` imports a neutral-layout folder and trains with the MiniLM text tower; an id
+    embedding is added only when titles are missing for many items."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from redrec.cli import _demo_dataset_overrides, app
+    from redrec.data.store import EventStore
+
+    monkeypatch.setenv("REDREC_CACHE", str(tmp_path / "cache"))
+    raw = write_topic_dataset(tmp_path / "raw", n_items=60, n_users=120)
+    r = CliRunner().invoke(app, ["demo", "--dataset", str(raw), "--out", str(tmp_path / "demo"), "--epochs", "1",
+                                 "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "text item tower: all-MiniLM-L6-v2 over titles (100% of items have one)" in r.output
+    res = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert [x["model"] for x in res["results"]][-1] == "red-rec" and res["results"][-1]["protocol"] == "loo"
+    cfg = (tmp_path / "demo" / "run" / "model_config.yaml").read_text()
+    assert "kind: text" in cfg and "id_embedding: false" in cfg
+    # half the titles blank -> text + id
+    lines = (raw / "items.csv").read_text().splitlines()
+    (raw / "items.csv").write_text("\n".join([lines[0]] + [ln if k % 2 else ln.split(",")[0] + "," for k, ln in enumerate(lines[1:])]) + "\n")
+    from redrec.data.events import import_events
+
+    st = import_events(raw, tmp_path / "half", progress=False)
+    ov, what = _demo_dataset_overrides(EventStore(st.path))
+    assert ov["model.item_tower.text.id_embedding"] is True and "(50% of items have one) + id embedding" in what
+    bad = CliRunner().invoke(app, ["demo", "--dataset", str(tmp_path), "--out", str(tmp_path / "d2")])
+    assert bad.exit_code != 0 and "no events.csv.gz" in bad.output

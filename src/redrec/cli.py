@@ -579,7 +579,8 @@ def _demo_dataset_overrides(store: Any) -> tuple[dict[str, Any], str]:
 
     ov: dict[str, Any] = {
         "model.user_tower.hidden_size": 64, "model.user_tower.num_layers": 2, "model.user_tower.num_heads": 2,
-        "model.user_tower.num_kv_heads": 1, "model.user_tower.intermediate_size": 256, "batch_size": 128,
+        "model.user_tower.num_kv_heads": 1, "model.user_tower.intermediate_size": 256,
+        "batch_size": max(8, min(128, store.n_users // 8)),  # small datasets still get several steps per epoch
         "data.n_negatives": 1024, "optim.warmup_steps": 100,
     }
     if len(store.scenarios) == 1:
@@ -592,7 +593,8 @@ def _demo_dataset_overrides(store: Any) -> tuple[dict[str, Any], str]:
         proto = f"protocol redrec, target scenario {store.scenarios[0]}"
     if "title" in store.item_fields:
         col = store.items_table(["title"]).column(0)
-        coverage = 1.0 - (pc.sum(pc.or_(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), ""))).as_py() or 0) / max(1, len(col))
+        missing = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(col), ""), True)  # null or blank title
+        coverage = 1.0 - (pc.sum(missing).as_py() or 0) / max(1, len(col))
         ov.update({"model.item_tower.kind": "text", "model.item_tower.text.model_path": "minilm",
                    "model.item_tower.text.fields": {"title": 200}, "model.item_tower.text.pooling": "mean",
                    "model.item_tower.text.max_tokens": 48, "model.item_tower.text.id_embedding": coverage < 0.9})
