@@ -166,6 +166,15 @@ def test_report_has_table_plots_and_reading(bench_run, tmp_path):
     for name in ("metrics_at_k.png", "training_curves.png"):
         assert f"](results/{out.name}/{name})" in text
         assert is_png(tmp_path / "docs" / "results" / out.name / name)
+    # a hand-written overall reading goes after the header, verbatim; a missing file is an error naming it
+    (tmp_path / "summary.md").write_text("## Summary\n\nRED-Rec wins here, loses there.\n")
+    r = runner.invoke(app, ["bench", "report", str(out), "-o", str(md), "--summary", str(tmp_path / "summary.md")])
+    assert r.exit_code == 0, r.output
+    text = md.read_text()
+    assert "RED-Rec wins here, loses there." in text
+    assert text.index("## Summary") < text.index("Reading:")
+    r = runner.invoke(app, ["bench", "report", str(out), "-o", str(md), "--summary", str(tmp_path / "nope.md")])
+    assert r.exit_code != 0 and "nope.md" in r.output
 
 
 def test_compare_says_within_seed_spread():

@@ -264,10 +264,12 @@ def _plot_title(bench: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # markdown report
 # ----------------------------------------------------------------------------------------------------------------
-def write_report(bench_dirs: Sequence[str | Path], out: str | Path, *, command: str | None = None) -> Path:
+def write_report(bench_dirs: Sequence[str | Path], out: str | Path, *, command: str | None = None,
+                 summary: str | Path | None = None) -> Path:
     """``out`` (markdown): per bench its command, seeds, machine, the mean ± std table, the plots (drawn from its
     bench.json into a folder named like ``out`` without its suffix, e.g. ``docs/results/<bench>/``) and the
-    automatic reading."""
+    automatic reading.  ``summary``: a hand-written markdown file (the overall reading across benches) placed
+    after the header, verbatim."""
     out = Path(out)
     if not bench_dirs:
         raise RedrecError("bench report: give at least one bench directory")
@@ -290,6 +292,11 @@ def write_report(bench_dirs: Sequence[str | Path], out: str | Path, *, command: 
         "it is not larger; with three seeds a gap of one or two stds is a hint, not a significant result.",
         "",
     ]
+    if summary is not None:
+        sp = Path(summary)
+        if not sp.exists():
+            raise RedrecError(f"{sp}: no such summary file")
+        lines += [sp.read_text().rstrip(), ""]
     used: set[str] = set()
     for d, b in benches:
         slug = d.resolve().name

@@ -490,12 +490,13 @@ def bench_run_cmd(
 def bench_report_cmd(
     benches: list[Path] = typer.Argument(..., help="Bench directories (each with the bench.json of `redrec bench run`)."),
     out: Path = typer.Option(Path("docs/results.md"), "--out", "-o", help="Markdown file; the plots are drawn beside it into a folder of its name (docs/results/<bench>/)."),
+    summary: Path | None = typer.Option(None, "--summary", help="Hand-written markdown (the overall reading across benches) placed after the header."),
 ) -> None:
     """Write the markdown report: per bench its command, seeds, machine, mean ± std table, plots and reading."""
     from redrec.bench import argv_command
     from redrec.bench_report import write_report
 
-    path = write_report(benches, out, command=argv_command())
+    path = write_report(benches, out, command=argv_command(), summary=summary)
     typer.echo(f"wrote {path}")
 
 
