@@ -257,6 +257,9 @@ def test_preset_trains_evaluates_and_round_trips(store, tmp_path, preset):
     assert losses[-3:].mean() < losses[:3].mean() - 0.3, losses.round(2).tolist()
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert "hr@10" in json.dumps(res)
+    # results are labelled with the baseline's name, not "red-rec"
+    want = {"sasrec": "sasrec", "hstu": "hstu", "morec": "sasrec"}.get(preset, "red-rec")
+    assert [r["model"] for r in res["results"]] == [want]
 
     m = RedRec.from_pretrained(tmp_path / "run" / "model").eval()
     assert m.cfg.user_tower.backbone == cfg.model.user_tower.backbone

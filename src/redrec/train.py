@@ -439,7 +439,7 @@ def validate_model(model: RedRec, store: EventStore, cases: list[EvalCase], cfg:
                    progress: bool = False) -> EvalResult:
     scorer = ModelScorer(model, cfg.mixing, cfg.features, queries=cfg.eval_queries, device=device)
     proto = ProtocolConfig(**{**to_dict(cfg.protocol), "max_users": None})
-    return evaluate(store, cases, scorer, proto, progress=progress, batch_size=128, name="red-rec", keep_per_user=False)
+    return evaluate(store, cases, scorer, proto, progress=progress, batch_size=128, name=scorer.name, keep_per_user=False)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

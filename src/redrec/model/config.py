@@ -217,3 +217,8 @@ class ModelConfig:
         if u.readout == "last":
             return 1
         return u.queries_per_scenario * (1 if u.query_scope == "shared" else max(1, len(self.scenarios)))
+
+
+def model_label(cfg: ModelConfig) -> str:
+    """The name results are reported under: the baseline backbone's name (``sasrec``, ``hstu``), else ``red-rec``."""
+    return cfg.user_tower.backbone if cfg.user_tower.backbone in ("sasrec", "hstu") else "red-rec"

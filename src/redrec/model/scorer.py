@@ -41,12 +41,13 @@ class ModelScorer:
             scenario or the model has no query for it).
     """
 
-    name = "red-rec"
-
     def __init__(
         self, model: RedRec, mixing: MixingConfig, features: FeatureConfig,
         queries: Literal["all", "target_scenario"] = "all", device: str | torch.device = "cpu",
     ):
+        from redrec.model.config import model_label
+
+        self.name = model_label(model.cfg)  # "red-rec", or the baseline backbone ("sasrec", "hstu")
         self.model = model
         self.mixing = mixing
         self.features = features
