@@ -80,6 +80,8 @@ ANN_CONFIGS = {
     "ivf_flat": IndexConfig(kind="ivf_flat", nlist=64, nprobe=16, threads=1),  # nprobe = nlist / 4
     "hnsw": IndexConfig(kind="hnsw", hnsw_m=16, ef_construction=40, ef_search=64, threads=1),
     "ivf_pq": IndexConfig(kind="ivf_pq", nlist=64, nprobe=16, threads=1),  # pq_m = D / 2
+    "ivf_fp16": IndexConfig(kind="ivf_fp16", nlist=64, nprobe=16, threads=1),
+    "ivf_sq8": IndexConfig(kind="ivf_sq8", nlist=64, nprobe=16, threads=1),
 }
 
 
@@ -196,7 +198,8 @@ def test_threads_setting_is_restored(data):
 
 
 # measured on this data: ivf_flat ~0.95, hnsw ~0.99, ivf_pq ~0.85 (seeds 7-9; K=3 users alike)
-@pytest.mark.parametrize("kind,threshold", [("ivf_flat", 0.9), ("hnsw", 0.9), ("ivf_pq", 0.6)])
+@pytest.mark.parametrize("kind,threshold", [("ivf_flat", 0.9), ("ivf_fp16", 0.9), ("ivf_sq8", 0.9), ("hnsw", 0.9),
+                                            ("ivf_pq", 0.6)])
 def test_ann_recall_at_10(ann, data, kind, threshold):
     index = ann[kind]
     assert index.ntotal == len(data["items"])
@@ -422,7 +425,7 @@ def test_config_from_dict_and_training_size_checks(data):
         build_index(IndexConfig(kind="ivf_flat", nlist=64, train_size=50), D).train(data["items"][:1000])
     with pytest.raises(ConfigError, match="'pq_nbits'"):
         build_index(IndexConfig(kind="ivf_pq", nlist=4, pq_m=8), D).train(data["items"][:200])
-    with pytest.raises(ConfigError, match="'nprobe'.*only ivf"):
+    with pytest.raises(ConfigError, match="'nprobe'.*only IVF indexes"):
         build_index(IndexConfig(kind="hnsw"), D).set_search_params(nprobe=4)
     with pytest.raises(ConfigError, match="'ef_search'.*only hnsw"):
         build_index(IndexConfig(kind="flat"), D).set_search_params(ef_search=4)

@@ -15,7 +15,8 @@ Conventions (shared with :mod:`redrec.retrieval.exact`):
   so a score is a cosine (an approximate one for ``ivf_pq``, whose scores come from the compressed codes);
 * items are numbered ``0 .. ntotal - 1`` in the order they were added;
 * a user with ``K`` vectors scores an item by ``max_k cos(u_k, v)``; each of the K vectors is searched for
-  ``k + max(len(exclude))`` items and the K lists are merged by max score per item;
+  ``k + max(len(exclude))`` items (IVF kinds: ``k`` items, the user's excluded ids skipped inside the list scan)
+  and the K lists are merged by max score per item;
 * results are ordered by score, descending, the lower item id first among equal scores; slots that cannot be
   filled (fewer eligible items found than ``k``) hold id ``-1`` and score ``-inf``.
 
@@ -26,6 +27,10 @@ kind        per item                                                    fixed
 ==========  ==========================================================  ============================
 flat        ``4 d`` bytes (256 B at d=64); exact brute force            --
 ivf_flat    ``4 d + 8`` bytes (vector + int64 id; 264 B at d=64)        ``nlist * 4 d`` centroids
+ivf_fp16    ``2 d + 8`` bytes (float16 vector + id; 136 B at d=64);     ``nlist * 4 d`` centroids
+            half the memory traffic of ivf_flat per probed list
+ivf_sq8     ``d + 8`` bytes (8-bit scalar-quantised vector + id;         ``nlist * 4 d`` centroids +
+            72 B at d=64)                                               ``8 d`` ranges
 hnsw        ``4 d + ~8 hnsw_m`` bytes (vector + level-0 links;          --
             ~512 B at d=64, M=32)
 ivf_pq      ``pq_m * pq_nbits / 8 + 8`` bytes (PQ code + int64 id;      ``nlist * 4 d`` centroids +
@@ -52,6 +57,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -59,15 +65,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from numba import njit
 
 from redrec.config import from_dict, to_dict
 from redrec.errors import ConfigError, DataError
 from redrec.eval.metrics import as_ragged
 from redrec.fileio import sha256_file
 
-IndexKind = Literal["flat", "ivf_flat", "hnsw", "ivf_pq"]
-KINDS: tuple[str, ...] = ("flat", "ivf_flat", "hnsw", "ivf_pq")
-_IVF_KINDS = ("ivf_flat", "ivf_pq")
+IndexKind = Literal["flat", "ivf_flat", "ivf_fp16", "ivf_sq8", "hnsw", "ivf_pq"]
+KINDS: tuple[str, ...] = ("flat", "ivf_flat", "ivf_fp16", "ivf_sq8", "hnsw", "ivf_pq")
+_IVF_KINDS = ("ivf_flat", "ivf_fp16", "ivf_sq8", "ivf_pq")
+_SQ_TYPES = {"ivf_fp16": "QT_fp16", "ivf_sq8": "QT_8bit"}  # FAISS ScalarQuantizer codes of the IVF-SQ kinds
 
 FORMAT = "redrec.faiss_index"
 FORMAT_VERSION = 1
@@ -77,7 +85,8 @@ INDEX_FILE = "index.faiss"
 _SEARCH_ELEMS = 1 << 20  # result entries (rows * k') per FAISS search call: bounds the merge's memory
 _SOURCE = "IndexConfig"
 _FAISS_CLASS = {"flat": ("IndexFlatIP", "IndexFlat"), "ivf_flat": ("IndexIVFFlat",), "hnsw": ("IndexHNSWFlat",),
-                "ivf_pq": ("IndexIVFPQ",)}
+                "ivf_pq": ("IndexIVFPQ",), "ivf_fp16": ("IndexIVFScalarQuantizer",),
+                "ivf_sq8": ("IndexIVFScalarQuantizer",)}
 
 
 def _faiss():
@@ -114,7 +123,9 @@ class IndexConfig:
     """What index to build and how to search it.
 
     Attributes:
-        kind: ``"flat"`` (exact), ``"ivf_flat"``, ``"hnsw"`` or ``"ivf_pq"``.
+        kind: ``"flat"`` (exact), ``"ivf_flat"``, ``"ivf_fp16"`` / ``"ivf_sq8"`` (IVF over float16 / 8-bit
+            scalar-quantised vectors: less memory and memory traffic, scores rounded accordingly), ``"hnsw"`` or
+            ``"ivf_pq"``.
         nlist: IVF lists (coarse centroids); ``None`` = :func:`default_nlist` of the row count given to ``train``
             (the resolved value is stored in the index's config).  Must not exceed the training sample.
         nprobe: IVF lists visited per query vector (clamped to ``nlist``); recall vs latency.
@@ -262,32 +273,78 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
     return float(np.mean(hit.sum(axis=1)[ok] / n[ok]))
 
 
-def _merge(ids: np.ndarray, scores: np.ndarray, b: int, k: int, exc_rows: np.ndarray, exc_ids: np.ndarray,
-           n_items: int, dedupe: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Merge ``[b, M]`` candidate lists into the top ``k`` per row (max score per item, ties -> lower id)."""
-    m = ids.shape[1]
-    rows = np.repeat(np.arange(b, dtype=np.int64), m)
-    ii = ids.reshape(-1).astype(np.int64, copy=False)
-    ss = scores.reshape(-1)
-    keep = ii >= 0
-    if exc_rows.size:
-        keep &= ~np.isin(rows * n_items + ii, exc_rows * n_items + exc_ids)
-    rows, ii, ss = rows[keep], ii[keep], ss[keep]
-    if dedupe and ii.size:
-        o = np.lexsort((-ss, ii, rows))  # by row, then item, best score first
-        rows, ii, ss = rows[o], ii[o], ss[o]
-        first = np.ones(ii.size, dtype=bool)
-        first[1:] = (rows[1:] != rows[:-1]) | (ii[1:] != ii[:-1])
-        rows, ii, ss = rows[first], ii[first], ss[first]
-    o = np.lexsort((ii, -ss, rows))  # by row, score descending, lower id first
-    rows, ii, ss = rows[o], ii[o], ss[o]
-    counts = np.bincount(rows, minlength=b)
-    pos = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
-    sel = pos < k
+@njit(nogil=True, cache=True)
+def _merge_kernel(ids, scores, k, exc_ptr, exc_ids, mark, out_i, out_s):  # pragma: no cover - compiled
+    """Per row ``r``: the ``k`` best distinct ids of ``ids[r]`` (max score per id; ties -> lower id), leaving out
+    ``exc_ids[exc_ptr[r]:exc_ptr[r + 1]]`` and ids < 0.  ``mark`` is a zeroed uint8 scratch of ``n_items``
+    entries, zeroed again on return (so a row costs O(M log M), nothing proportional to the item count)."""
+    b, m = ids.shape
+    n_items = mark.size
+    for r in range(b):
+        for j in range(exc_ptr[r], exc_ptr[r + 1]):
+            e = exc_ids[j]
+            if 0 <= e < n_items:
+                mark[e] = 1
+        order = np.argsort(-scores[r], kind="mergesort")
+        n = 0
+        j = 0
+        while j < m and n < k:
+            s = scores[r, order[j]]
+            g = j + 1
+            while g < m and scores[r, order[g]] == s:
+                g += 1
+            if g - j > 1:  # equal scores: the lower id first
+                grp = order[j:g].copy()
+                o2 = np.argsort(ids[r][grp], kind="mergesort")
+                for t in range(g - j):
+                    order[j + t] = grp[o2[t]]
+            for t in range(j, g):
+                if n >= k:
+                    break
+                i = ids[r, order[t]]
+                if i < 0 or i >= n_items or mark[i] != 0:
+                    continue
+                mark[i] = 2
+                out_i[r, n] = i
+                out_s[r, n] = s
+                n += 1
+            j = g
+        for t in range(n):
+            mark[out_i[r, t]] = 0
+        for j in range(exc_ptr[r], exc_ptr[r + 1]):
+            e = exc_ids[j]
+            if 0 <= e < n_items:
+                mark[e] = 0
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int) -> np.ndarray:
+    """A zeroed uint8 array of ``n`` entries, one per thread and kept (the merge leaves it zeroed): allocating
+    and first-touching 1M entries per search would cost more than the merge itself."""
+    a = getattr(_SCRATCH, "mark", None)
+    if a is None or a.size < n:
+        a = _SCRATCH.mark = np.zeros(max(n, 1), dtype=np.uint8)
+    return a[:n]
+
+
+def _merge(ids: np.ndarray, scores: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None,
+           n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge ``[b, M]`` candidate lists (the K searched lists of each user side by side) into the top ``k`` per
+    row: max score per item, excluded items and padding (-1) left out, ties -> lower id; ``(-1, -inf)`` pads."""
+    b = ids.shape[0]
     out_i = np.full((b, k), -1, dtype=np.int64)
     out_s = np.full((b, k), -np.inf, dtype=np.float32)
-    out_i[rows[sel], pos[sel]] = ii[sel]
-    out_s[rows[sel], pos[sel]] = ss[sel]
+    if exclude is None:
+        ptr = np.zeros(b + 1, dtype=np.int64)
+        exc = np.zeros(0, dtype=np.int64)
+    else:
+        ptr = np.zeros(b + 1, dtype=np.int64)
+        ptr[1:] = np.cumsum([len(e) for e in exclude])
+        exc = np.concatenate([np.asarray(e, dtype=np.int64).reshape(-1) for e in exclude]) if b else np.zeros(0, np.int64)
+    _merge_kernel(np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(scores, dtype=np.float32), int(k),
+                  ptr, exc, _scratch(n_items), out_i, out_s)
     return out_i, out_s
 
 
@@ -308,7 +365,7 @@ def _fsync(path: Path) -> None:
 class Index:
     """An item index (FAISS inside).  Build with :func:`build_index`, load with :meth:`load` / :func:`load_index`.
 
-    ``flat`` and ``hnsw`` indexes accept ``add`` right away; ``ivf_flat`` / ``ivf_pq`` need ``train`` first
+    ``flat`` and ``hnsw`` indexes accept ``add`` right away; the IVF kinds need ``train`` first
     (or use :meth:`fit` = train + add).
     """
 
@@ -363,11 +420,14 @@ class Index:
         fixed = int(idx.nlist) * 4 * d
         if self.kind == "ivf_flat":
             return n * (4 * d + 8) + fixed
+        if self.kind in _SQ_TYPES:
+            return n * (int(idx.code_size) + 8) + fixed
         return n * (int(idx.code_size) + 8) + fixed + 4 * d * (1 << int(idx.pq.nbits))
 
     def __repr__(self) -> str:
         c = self._config
-        extra = {"ivf_flat": f", nlist={c.nlist}, nprobe={c.nprobe}",
+        ivf = f", nlist={c.nlist}, nprobe={c.nprobe}"
+        extra = {"ivf_flat": ivf, "ivf_fp16": ivf, "ivf_sq8": ivf,
                  "ivf_pq": f", nlist={c.nlist}, nprobe={c.nprobe}, pq_m={c.pq_m}, pq_nbits={c.pq_nbits}",
                  "hnsw": f", hnsw_m={c.hnsw_m}, ef_search={c.ef_search}", "flat": ""}[c.kind]
         return f"Index(kind={c.kind!r}, dim={self._dim}, ntotal={self.ntotal}{extra})"
@@ -385,6 +445,9 @@ class Index:
         quant = faiss.IndexFlatIP(d) if c.quantizer == "flat" else faiss.IndexHNSWFlat(d, 32, ip)
         if c.kind == "ivf_flat":
             idx = faiss.IndexIVFFlat(quant, d, nlist, ip)
+        elif c.kind in _SQ_TYPES:  # codes of the vectors themselves (not residuals): one table scan per list
+            qtype = getattr(faiss.ScalarQuantizer, _SQ_TYPES[c.kind])
+            idx = faiss.IndexIVFScalarQuantizer(quant, d, nlist, qtype, ip, False)
         else:
             idx = faiss.IndexIVFPQ(quant, d, nlist, c.resolved_pq_m(d), c.pq_nbits, ip)
             idx.pq.cp.seed = c.seed
@@ -410,14 +473,14 @@ class Index:
         """Change search-time settings (kept in :attr:`config` and saved).
 
         Args:
-            nprobe: IVF lists visited per query vector (``ivf_flat`` / ``ivf_pq`` only; clamped to ``nlist``).
+            nprobe: IVF lists visited per query vector (IVF kinds only; clamped to ``nlist``).
             ef_search: HNSW beam width (``hnsw`` only).
             threads: OpenMP threads for later FAISS calls (any kind; 1 is best for single queries; 0 = back to
                 FAISS's default, all cores).
         """
         c = self._config
         if nprobe is not None and c.kind not in _IVF_KINDS:
-            raise ConfigError(_SOURCE, "nprobe", f"only ivf_flat / ivf_pq indexes use nprobe (this one is {c.kind})")
+            raise ConfigError(_SOURCE, "nprobe", f"only IVF indexes ({', '.join(_IVF_KINDS)}) use nprobe (this one is {c.kind})")
         if ef_search is not None and c.kind != "hnsw":
             raise ConfigError(_SOURCE, "ef_search", f"only hnsw indexes use ef_search (this one is {c.kind})")
         new = dataclasses.replace(c, nprobe=c.nprobe if nprobe is None else nprobe,
@@ -518,7 +581,8 @@ class Index:
         Returns:
             ``(ids int64 [B, k], scores float32 [B, k])``; score = (max over K) cosine, approximate for
             ``ivf_pq``; padding is id -1 / score ``-inf``.  Each of the K vectors is searched for
-            ``k + max exclusion length`` items, so the result is exact for ``flat`` (up to ties at the cut).
+            ``k + max exclusion length`` items (IVF kinds: ``k`` items with the user's exclusions skipped during
+            the scan), so the result is exact for ``flat`` (up to ties at the cut).
         """
         q = _as_numpy(queries)
         if q.ndim == 2:
@@ -542,6 +606,13 @@ class Index:
             raise ValueError(f"{len(exc)} exclusion rows for {B} users")
         elens = np.fromiter((len(e) for e in exc), dtype=np.int64, count=B)
         q = _normalized(q).reshape(B * K, d)
+        if exclude is not None and self.kind in _IVF_KINDS and elens.any():
+            # IVF: each user's exclusion list filters its own scan (FAISS IDSelector), so k' = k, not k + |excl|
+            with _omp_threads(self._config.threads):
+                for u in range(B):
+                    s, i = self._faiss_search(q[u * K:(u + 1) * K], min(n_items, k), exc[u] if elens[u] else None)
+                    out_i[u:u + 1], out_s[u:u + 1] = _merge(i.reshape(1, -1), s.reshape(1, -1), k, None, n_items)
+            return out_i, out_s
         with _omp_threads(self._config.threads):
             step = max(1, _SEARCH_ELEMS // (K * min(n_items, k + int(elens.max()))))
             for u0 in range(0, B, step):
@@ -549,17 +620,18 @@ class Index:
                 b = u1 - u0
                 kp = min(n_items, k + int(elens[u0:u1].max()))
                 s, i = self._faiss_search(q[u0 * K:u1 * K], kp)
-                if exclude is not None and elens[u0:u1].any():
-                    lens = elens[u0:u1]
-                    er = np.repeat(np.arange(b, dtype=np.int64), lens)
-                    ec = np.concatenate([np.asarray(e, dtype=np.int64) for e in exc[u0:u1]])
-                else:
-                    er = ec = np.zeros(0, dtype=np.int64)
-                out_i[u0:u1], out_s[u0:u1] = _merge(i.reshape(b, K * kp), s.reshape(b, K * kp), b, k, er, ec,
-                                                    n_items, dedupe=K > 1)
+                ex = exc[u0:u1] if exclude is not None and elens[u0:u1].any() else None
+                out_i[u0:u1], out_s[u0:u1] = _merge(i.reshape(b, K * kp), s.reshape(b, K * kp), k, ex, n_items)
         return out_i, out_s
 
-    def _faiss_search(self, x: np.ndarray, kp: int) -> tuple[np.ndarray, np.ndarray]:
+    def _faiss_search(self, x: np.ndarray, kp: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if exclude is not None:  # IVF kinds only: the excluded ids are skipped during the list scan
+            faiss = _faiss()
+            ids = np.ascontiguousarray(exclude, dtype=np.int64)
+            excluded = faiss.IDSelectorBatch(ids)  # kept referenced until the search returns
+            keep = faiss.IDSelectorNot(excluded)
+            params = faiss.SearchParametersIVF(sel=keep, nprobe=int(self._index.nprobe))
+            return self._index.search(x, kp, params=params)
         if self.kind == "hnsw" and kp > self._config.ef_search:  # HNSW returns at most ef_search results
             params = _faiss().SearchParametersHNSW()
             params.efSearch = kp
