@@ -5,11 +5,13 @@ Set-up (cached in ``--work``; each step in a child process, like a user would ru
 1. ``redrec data synth`` with ``--items`` items (default 1,000,000) and ``--users`` users, imported into a store;
 2. the DEFAULT model config (``TrainConfig()``; only the data-dependent fields filled), saved untrained with a fixed
    seed -- latency does not depend on the weights' values;
-3. ``redrec embed items`` (all items) and a FAISS IVF-Flat index over them (``IndexConfig(kind="ivf_flat")``);
+3. ``redrec embed items`` (all items) and a FAISS IVF index over them (``IndexConfig(kind=--index-kind)``, default
+   ``ivf_flat``; ``ivf_fp16`` halves the bytes scanned per probed list);
 4. ``redrec serve`` started as a second process on 127.0.0.1 with a SQLite history store; ``--history-users``
    users' histories are posted through ``POST /v1/events``.
 
-Load: for each concurrency level ``c``, ``c`` client tasks (one ``httpx.AsyncClient``, this process) send
+Load: for each concurrency level ``c``, ``c`` client tasks (this process; one keep-alive connection each, a minimal
+HTTP/1.1 client sending pre-encoded requests, so the generator's own CPU cost stays small) send
 ``POST /v1/recommend {"user": ..., "k": --k, "exclude_seen": true}`` back to back for ``--seconds`` seconds after a
 short warm-up.  Latency is measured by the client (send to full response).  Printed per level: requests, errors,
 throughput, p50 / p99 / max latency, the server's mean batch size, and the share of the server's model time spent
@@ -45,8 +47,8 @@ def run(cmd: list[str]) -> None:
     print(f"  redrec {cmd[0]} {cmd[1] if len(cmd) > 1 else ''}: {time.perf_counter() - t:.1f} s", flush=True)
 
 
-def setup(work: Path, items: int, users: int) -> dict[str, Path]:
-    """Synthetic store, default untrained model, item embeddings and an IVF-Flat index (reused when present)."""
+def setup(work: Path, items: int, users: int, index_kind: str = "ivf_flat") -> dict[str, Path]:
+    """Synthetic store, default untrained model, item embeddings and an IVF index (reused when present)."""
     import torch
 
     from redrec.config import save_yaml
@@ -54,7 +56,8 @@ def setup(work: Path, items: int, users: int) -> dict[str, Path]:
     from redrec.model.redrec import RedRec
     from redrec.train import TrainConfig, resolve_model_config
 
-    raw, store, run_dir, emb, index = work / "raw", work / "store", work / "run", work / "items", work / "index"
+    raw, store, run_dir, emb = work / "raw", work / "store", work / "run", work / "items"
+    index = work / ("index" if index_kind == "ivf_flat" else f"index-{index_kind}")
     work.mkdir(parents=True, exist_ok=True)
     if not (store / "meta.json").exists():
         run(["data", "synth", "--out", str(raw), "--users", str(users), "--items", str(items)])
@@ -74,8 +77,8 @@ def setup(work: Path, items: int, users: int) -> dict[str, Path]:
 
         t = time.perf_counter()
         vec = np.asarray(load_embeddings(emb).vectors)
-        build_index(IndexConfig(kind="ivf_flat"), vec.shape[1]).fit(vec).save(index)
-        print(f"  ivf_flat index over {len(vec):,} items: {time.perf_counter() - t:.1f} s", flush=True)
+        build_index(IndexConfig(kind=index_kind), vec.shape[1]).fit(vec).save(index)
+        print(f"  {index_kind} index over {len(vec):,} items: {time.perf_counter() - t:.1f} s", flush=True)
     return {"store": store, "run": run_dir, "items": emb, "index": index}
 
 
@@ -103,39 +106,81 @@ def msum(m: dict[str, float], pattern: str) -> float:
     return sum(v for k, v in m.items() if rx.fullmatch(k))
 
 
-async def load(url: str, users: list[str], conc: int, seconds: float, k: int, warmup: float) -> tuple[list[float], int, float]:
-    """``conc`` closed-loop clients for ``warmup + seconds``; returns latencies (s) and errors after warm-up."""
-    import httpx
+class _Conn:
+    """One keep-alive HTTP/1.1 connection sending pre-encoded requests (a minimal client, like ``wrk``'s: the
+    load generator shares the 2 cores with the server, so its own cost per request must stay small; httpx costs
+    about 1 ms of CPU per request, which at a few hundred requests per second takes a core from the server)."""
 
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        m = _CONTENT_LENGTH.search(head)
+        if m is None:
+            raise ValueError(f"response without Content-Length: {head[:200]!r}")
+        return status, await self.reader.readexactly(int(m.group(1)))
+
+
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.IGNORECASE)
+
+
+def encode_post(path: str, body: dict) -> bytes:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+async def load(port: int, users: list[str], conc: int, seconds: float, k: int, warmup: float,
+               ) -> tuple[list[float], int, float]:
+    """``conc`` closed-loop clients (one connection each) for ``warmup + seconds``; returns latencies (s) after
+    warm-up, errors (non-200 status, a broken connection, or -- on every 20th response, parsed -- a list that is
+    not ``k`` items long) and the measured wall time."""
+    reqs = [encode_post("/v1/recommend", {"user": u, "k": k, "exclude_seen": True}) for u in users]
     lat: list[float] = []
     errors = 0
-    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0) as client:
-        t_start = time.perf_counter()
-        t_measure = t_start + warmup
-        t_end = t_measure + seconds
+    t_start = time.perf_counter()
+    t_measure = t_start + warmup
+    t_end = t_measure + seconds
 
-        async def worker(w: int) -> None:
-            nonlocal errors
-            i = w
+    async def worker(w: int) -> None:
+        nonlocal errors
+        conn = _Conn(*await asyncio.open_connection("127.0.0.1", port))
+        i = w
+        try:
             while True:
                 t0 = time.perf_counter()
                 if t0 >= t_end:
                     return
-                body = {"user": users[i % len(users)], "k": k, "exclude_seen": True}
+                raw = reqs[i % len(reqs)]
                 i += conc
                 try:
-                    r = await client.post("/v1/recommend", json=body)
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
+                    status, body = await conn.request(raw)
+                    ok = status == 200 and (i % 20 or len(json.loads(body)["items"]) == k)
+                except (OSError, ValueError, asyncio.IncompleteReadError):
                     ok = False
+                    conn.writer.close()
+                    conn = _Conn(*await asyncio.open_connection("127.0.0.1", port))
                 t1 = time.perf_counter()
                 if t0 >= t_measure:
                     lat.append(t1 - t0)
                     errors += not ok
+        finally:
+            conn.writer.close()
 
-        await asyncio.gather(*(worker(w) for w in range(conc)))
-        return lat, errors, time.perf_counter() - t_measure
+    await asyncio.gather(*(worker(w) for w in range(conc)))
+    return lat, errors, time.perf_counter() - t_measure
+
+
+def run_loop(coro):
+    """``asyncio.run`` on uvloop when installed (a cheaper event loop for the load generator)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def main() -> None:
@@ -148,6 +193,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--index-kind", default="ivf_flat", choices=["ivf_flat", "ivf_fp16", "ivf_sq8"])
     ap.add_argument("--serve-args", default="", help="extra `redrec serve` arguments, e.g. '--max-wait-ms 1'")
     args = ap.parse_args()
 
@@ -157,7 +203,7 @@ def main() -> None:
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; server and load generator share them")
     print("set-up:", flush=True)
-    paths = setup(args.work / f"items{args.items}", args.items, args.users)
+    paths = setup(args.work / f"items{args.items}", args.items, args.users, args.index_kind)
     store = EventStore(paths["store"])
 
     port = free_port()
@@ -206,13 +252,15 @@ def main() -> None:
         rows = []
         for conc in args.concurrency:
             m0 = scrape(client, url)
-            lat, errors, wall = asyncio.run(load(url, users, conc, args.seconds, args.k, args.warmup))
+            lat, errors, wall = run_loop(load(port, users, conc, args.seconds, args.k, args.warmup))
             m1 = scrape(client, url)
             d = {key: m1.get(key, 0.0) - m0.get(key, 0.0) for key in m1}
             tower = msum(d, r"redrec_user_tower_seconds_sum.*")
             index = msum(d, r"redrec_index_seconds_sum.*")
             batches = msum(d, r"redrec_batch_size_count.*")
             batched = msum(d, r"redrec_batch_size_sum.*")
+            fetch = msum(d, r"redrec_history_fetch_seconds_sum.*")
+            qwait = msum(d, r"redrec_queue_wait_seconds_sum.*") / max(1.0, msum(d, r"redrec_queue_wait_seconds_count.*"))
             a = np.asarray(lat) * 1e3
             rows.append({
                 "concurrency": conc, "requests": len(lat), "errors": errors, "rps": len(lat) / wall,
@@ -221,6 +269,10 @@ def main() -> None:
                 "max_ms": float(a.max()) if len(a) else float("nan"),
                 "mean_batch": batched / batches if batches else float("nan"),
                 "tower_share": tower / (tower + index) if tower + index > 0 else float("nan"),
+                "history_ms_per_batch": 1e3 * fetch / batches if batches else float("nan"),
+                "tower_ms_per_batch": 1e3 * tower / batches if batches else float("nan"),
+                "index_ms_per_batch": 1e3 * index / batches if batches else float("nan"),
+                "queue_wait_ms": 1e3 * qwait,
             })
             r = rows[-1]
             print(f"  c={conc}: {r['requests']} requests, {r['errors']} errors, {r['rps']:.0f} req/s, "
@@ -232,14 +284,20 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             server.kill()
 
-    print(f"\n`redrec serve`, {store.n_items:,} items (IVF-Flat), default model (untrained), k={args.k}, "
+    print(f"\n`redrec serve {args.serve_args}`".replace(" `", "`"), f"{store.n_items:,} items ({args.index_kind}), "
+          f"default model (untrained), k={args.k}, "
           f"exclude_seen, {len(users)} users with stored histories, {args.seconds:.0f} s per level after "
           f"{args.warmup:.0f} s warm-up; client latency over loopback")
-    print("| concurrency | requests | errors | req/s | p50 ms | p99 ms | max ms | mean batch | user tower / (tower + index) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("server time per batch: history read, user tower (input conversion + forward), index search (+ result "
+          "lists); queue wait per request")
+    print("| concurrency | requests | errors | req/s | p50 ms | p99 ms | max ms | mean batch | history ms | tower ms "
+          "| index ms | tower / (tower + index) | queue wait ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | "
-              f"{r['p99_ms']:.1f} | {r['max_ms']:.1f} | {r['mean_batch']:.2f} | {r['tower_share']:.0%} |")
+              f"{r['p99_ms']:.1f} | {r['max_ms']:.1f} | {r['mean_batch']:.2f} | {r['history_ms_per_batch']:.1f} | "
+              f"{r['tower_ms_per_batch']:.1f} | {r['index_ms_per_batch']:.1f} | {r['tower_share']:.0%} | "
+              f"{r['queue_wait_ms']:.1f} |")
     goal = [r for r in rows if r["concurrency"] == 8]
     if goal:
         g = goal[0]

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import time
@@ -54,14 +55,22 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from redrec.errors import ConfigError, DataError, RedrecError
 from redrec.serve.batcher import BatchInfo, MicroBatcher, Overloaded
-from redrec.serve.history import MAX_NAME_LEN, MAX_TIMESTAMP, Event, HistoryError, HistoryStore, item_lookup
+from redrec.serve.history import (
+    MAX_NAME_LEN,
+    MAX_TIMESTAMP,
+    Event,
+    EventRow,
+    HistoryError,
+    HistoryStore,
+    item_lookup,
+)
 from redrec.serve.metrics import CONTENT_TYPE, ServeMetrics
 from redrec.serve.recommender import Answer, Query, Recommender
 
@@ -233,6 +242,14 @@ def _error_response(status: int, error: str, message: str, details: Sequence[dic
                         headers=headers)
 
 
+def _json(body: dict) -> Response:
+    """A JSON response built from plain values the route made itself (finite floats, str, int): serialised
+    directly, skipping FastAPI's re-validation against the ``response_model`` (which still documents it in the
+    OpenAPI schema) -- a noticeable share of a 100-item answer's cost."""
+    return Response(json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(),
+                    media_type="application/json")
+
+
 def _loc(loc: Sequence[Any]) -> str:
     parts = [p for p in loc if p != "body"]
     out = ""
@@ -298,12 +315,12 @@ class Service:
     def _run_batch(self, jobs: list[Job]) -> list[Answer | Exception]:
         rec = self.recommender  # one model for the whole batch, even if a reload swaps it meanwhile
         users = [j.user for j in jobs if j.user is not None]
-        stored: dict[int, list[Event]] = {}
+        stored: dict[int, list[EventRow]] = {}
         failed: Exception | None = None
         if users:
             t0 = time.perf_counter()
             try:
-                got = self.history.get_many(users)
+                got = self.history.get_many_rows(users)
             except Exception as e:  # the store is down: those requests fail (503), inline ones go on
                 log.exception("history store read failed")
                 failed = HistoryUnavailable(f"the history store could not be read ({type(e).__name__}: {e})")
@@ -521,19 +538,19 @@ def create_app(recommender: Recommender, history: HistoryStore, config: ServeCon
         return {"accepted": n, "unknown_items": int((known < 0).sum())}
 
     @app.post("/v1/recommend", response_model=RecommendResponse, responses=_ERRORS, tags=["recommend"])
-    async def recommend(body: RecommendRequest) -> dict:
+    async def recommend(body: RecommendRequest) -> Response:
         """The best ``k`` items for a stored or inline history."""
         ans = await svc.submit(svc.job("recommend", body))
-        return {"items": [{"id": r.id, "score": r.score, "interest": r.interest, "interest_scenario": r.interest_scenario}
-                          for r in ans.items or []],
-                "model_version": ans.model_version, "n_history": ans.n_history}
+        return _json({"items": [{"id": r.id, "score": r.score, "interest": r.interest,
+                                 "interest_scenario": r.interest_scenario} for r in ans.items or []],
+                      "model_version": ans.model_version, "n_history": ans.n_history})
 
     @app.post("/v1/embed/user", response_model=EmbedResponse, responses=_ERRORS, tags=["recommend"])
-    async def embed_user(body: EmbedRequest) -> dict:
+    async def embed_user(body: EmbedRequest) -> Response:
         """The K unit interest vectors of a stored or inline history."""
         ans = await svc.submit(svc.job("embed", body))
-        return {"vectors": ans.vectors.tolist(), "query_scenarios": list(ans.query_scenarios),
-                "model_version": ans.model_version, "n_history": ans.n_history}
+        return _json({"vectors": ans.vectors.tolist(), "query_scenarios": list(ans.query_scenarios),
+                      "model_version": ans.model_version, "n_history": ans.n_history})
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict:
@@ -588,17 +605,31 @@ def serve(
     checkpoint: str | Path, *, store: str | Path | None = None, index: str | Path | None = None,
     item_embeddings: str | Path | None = None, history: str = ":memory:", history_per_scenario: int | None = None,
     host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None, device: str = "cpu",
-    log_level: str = "info", access_log: bool = False,
+    log_level: str = "info", access_log: bool = False, precision: str = "float32", threads: int | None = None,
+    search_threads: int = 1,
 ) -> None:
-    """Load everything (errors are raised before the port opens), then run uvicorn until SIGINT / SIGTERM."""
+    """Load everything (errors are raised before the port opens), then run uvicorn until SIGINT / SIGTERM.
+
+    ``threads``: torch intra-op threads of the user tower (``None`` = torch's default, the cores);
+    ``precision`` / ``search_threads``: see :meth:`Recommender.load`.
+    """
+    import torch
     import uvicorn
+
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError("command line", "threads", f"must be >= 1, got {threads}")
+        torch.set_num_threads(int(threads))
+    if search_threads < 1:
+        raise ConfigError("command line", "search_threads", f"must be >= 1, got {search_threads}")
 
     from redrec.serve.history import open_history_store
     from redrec.serve.recommender import history_cap
 
     cfg = config or ServeConfig()
     cfg.validate()
-    rec = Recommender.load(checkpoint, store, index=index, item_embeddings=item_embeddings, device=device)
+    rec = Recommender.load(checkpoint, store, index=index, item_embeddings=item_embeddings, device=device,
+                           precision=precision, search_threads=search_threads)
     per = history_per_scenario or history_cap(rec.mixing)
     try:
         hist = open_history_store(history, per, max_events_per_append=cfg.max_events)

@@ -25,6 +25,7 @@ job.  Ordering everywhere is by timestamp, then by arrival (ties keep the order 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sqlite3
@@ -50,6 +51,8 @@ __all__ = [
     "RedisHistoryStore",
     "open_history_store",
     "to_user_events",
+    "rows_to_user_events",
+    "EventRow",
     "events_from_store",
     "item_lookup",
     "check_event",
@@ -111,6 +114,8 @@ class Event:
 
 # one event as the backends store it: (user, scenario, timestamp, item, actions, duration)
 _Row = tuple[str, str, int, str, tuple[str, ...], float]
+# one event as read back: (item, scenario, timestamp, actions, duration) -- the fields of Event, in order
+EventRow = tuple[str, str, int, tuple[str, ...], float]
 
 
 def _check_name(value: Any, field: str, index: int | None) -> str:
@@ -222,13 +227,19 @@ class HistoryStore(ABC):
 
     def get_many(self, users: Sequence[str]) -> list[list[Event]]:
         """:meth:`get` of each of ``users`` (one snapshot where the backend allows)."""
+        return [[Event(*r) for r in rows] for rows in self.get_many_rows(users)]
+
+    def get_many_rows(self, users: Sequence[str]) -> list[list[EventRow]]:
+        """:meth:`get_many` as plain tuples ``(item, scenario, timestamp, actions, duration)`` (the fields of
+        :class:`Event`, in order; checked when they were appended): no object per event, for the serving hot
+        path (:func:`rows_to_user_events`)."""
         self._check_open()
         users = [users] if isinstance(users, str) else list(users)
         for u in users:
             check_user(u)
         if not users:
             return []
-        return self._read(users)
+        return [self._keep_last(rows) for rows in self._read(users)]
 
     @abstractmethod
     def n_users(self) -> int:
@@ -258,22 +269,23 @@ class HistoryStore(ABC):
         """Store validated rows atomically and durably, then trim each touched (user, scenario)."""
 
     @abstractmethod
-    def _read(self, users: list[str]) -> list[list[Event]]:
-        """Kept events of each user, oldest first, at most ``max_per_scenario`` per scenario."""
+    def _read(self, users: list[str]) -> list[list[EventRow]]:
+        """Kept events of each user as rows, oldest first (may hold more than ``max_per_scenario`` per scenario
+        when the data was written with a larger limit: :meth:`get_many_rows` trims)."""
 
-    def _keep_last(self, events: list[Event]) -> list[Event]:
-        """Drop all but the last ``max_per_scenario`` events of each scenario (``events`` oldest first); for
+    def _keep_last(self, rows: list[EventRow]) -> list[EventRow]:
+        """Drop all but the last ``max_per_scenario`` rows of each scenario (``rows`` oldest first); for
         data written with a larger limit than this store's."""
         n = self.max_per_scenario
-        if len(events) <= n:
-            return events
+        if len(rows) <= n:
+            return rows
         counts: dict[str, int] = {}
         keep = []
-        for e in reversed(events):
-            c = counts.get(e.scenario, 0) + 1
-            counts[e.scenario] = c
+        for r in reversed(rows):
+            c = counts.get(r[1], 0) + 1
+            counts[r[1]] = c
             if c <= n:
-                keep.append(e)
+                keep.append(r)
         keep.reverse()
         return keep
 
@@ -282,7 +294,8 @@ def _encode_actions(actions: tuple[str, ...]) -> str:
     return json.dumps(actions, ensure_ascii=False, separators=(",", ":")) if actions else ""
 
 
-def _decode_actions(text: str) -> tuple[str, ...]:
+@functools.lru_cache(maxsize=4096)
+def _decode_actions(text: str) -> tuple[str, ...]:  # few distinct action sets: decode each once
     return tuple(json.loads(text)) if text else ()
 
 
@@ -452,7 +465,8 @@ class SQLiteHistoryStore(HistoryStore):
             return int(row[0])
         return int(conn.execute(f"INSERT INTO {table}(name) VALUES (?)", (name,)).lastrowid)
 
-    def _read(self, users: list[str]) -> list[list[Event]]:
+    def _read(self, users: list[str]) -> list[list[EventRow]]:
+        decode = _decode_actions
         with self._read_lock():
             conn = self._conn()
             snapshot = len(users) > 1 and not conn.in_transaction
@@ -461,11 +475,8 @@ class SQLiteHistoryStore(HistoryStore):
             try:
                 out = []
                 for u in users:
-                    events = [
-                        Event(item, scen, ts, _decode_actions(actions), dur)
-                        for scen, ts, item, actions, dur in conn.execute(_READ, (u,))
-                    ]
-                    out.append(self._keep_last(events))
+                    out.append([(item, scen, ts, decode(actions), dur)
+                                for scen, ts, item, actions, dur in conn.execute(_READ, (u,))])
             finally:
                 if snapshot and conn.in_transaction:
                     conn.execute("COMMIT")
@@ -571,7 +582,7 @@ class RedisHistoryStore(HistoryStore):
         pipe.sadd(f"{self.prefix}users", *dict.fromkeys(r[0] for r in rows))
         pipe.execute()
 
-    def _read(self, users: list[str]) -> list[list[Event]]:
+    def _read(self, users: list[str]) -> list[list[EventRow]]:
         pipe = self._r.pipeline(transaction=False)
         for u in users:
             pipe.smembers(self._sc_key(u))
@@ -588,7 +599,7 @@ class RedisHistoryStore(HistoryStore):
                 for m in next(sets):
                     m = _text(m)
                     item, actions, dur = json.loads(m[32:])
-                    keyed.append((m[:32], Event(item, s, int(m[:16], 16), tuple(actions), float(dur))))
+                    keyed.append((m[:32], (item, s, int(m[:16], 16), tuple(actions), float(dur))))
             keyed.sort(key=lambda x: x[0])
             out.append([e for _, e in keyed])
         return out
@@ -714,13 +725,30 @@ def to_user_events(
         DataError: an unknown item / scenario / action under the ``"error"`` policy, naming it and (for
             scenarios and actions) the store's names.
     """
-    _check_policy("unknown_items", unknown_items)
-    _check_policy("unknown_scenarios", unknown_scenarios)
-    _check_policy("unknown_actions", unknown_actions)
     if validate:
         checked = [check_event(e, i) for i, e in enumerate(events)]
     else:
         checked = [(e.item, e.scenario, int(e.timestamp), tuple(e.actions), float(e.duration)) for e in events]
+    return rows_to_user_events(checked, store, user_id=user_id, unknown_items=unknown_items,
+                               unknown_scenarios=unknown_scenarios, unknown_actions=unknown_actions,
+                               item_index=item_index)
+
+
+def rows_to_user_events(
+    checked: Sequence[EventRow],
+    store: EventStore,
+    *,
+    user_id: str = "",
+    unknown_items: Literal["drop", "error"] = "drop",
+    unknown_scenarios: Literal["drop", "error"] = "error",
+    unknown_actions: Literal["drop", "error"] = "error",
+    item_index: Callable[[Sequence[str]], np.ndarray] | None = None,
+) -> tuple[UserEvents, dict[str, Any]]:
+    """:func:`to_user_events` of checked rows ``(item, scenario, timestamp, actions, duration)`` (e.g.
+    :meth:`HistoryStore.get_many_rows`; not validated again); same arguments, result and errors."""
+    _check_policy("unknown_items", unknown_items)
+    _check_policy("unknown_scenarios", unknown_scenarios)
+    _check_policy("unknown_actions", unknown_actions)
     n = len(checked)
     report: dict[str, Any] = {
         "n_events": n, "n_kept": 0,
@@ -760,8 +788,14 @@ def to_user_events(
     actions = np.zeros(n, np.uint32)
     bad_actions: dict[str, None] = {}
     n_bad_actions = 0
+    mask_of: dict[tuple[str, ...], int] = {}  # few distinct action sets: one bit mask each
     for i, c in enumerate(checked):
+        mask = mask_of.get(c[3])
+        if mask is not None:
+            actions[i] = mask
+            continue
         mask = 0
+        bad_here = False
         for a in c[3]:
             bit = bit_of.get(a)
             if bit is None:
@@ -772,8 +806,11 @@ def to_user_events(
                     )
                 bad_actions[a] = None
                 n_bad_actions += 1
+                bad_here = True
                 continue
             mask |= bit
+        if not bad_here:  # sets with unknown names are counted per event, so not cached
+            mask_of[c[3]] = mask
         actions[i] = mask
     report["n_unknown_actions"] = n_bad_actions
     report["unknown_actions"] = list(bad_actions)
