@@ -407,6 +407,9 @@ def test_dimension_and_state_errors(data):
         ({"kind": "flat", "add_chunk": 0}, 32, "add_chunk"),
         ({"kind": "ivf_flat", "quantizer": "tree"}, 32, "quantizer"),
         ({"kind": "flat"}, 0, "dim"),
+        ({"kind": "ivf_fp16", "probe": "joint"}, 32, "probe"),
+        ({"kind": "ivf_flat", "probe": "both"}, 32, "probe"),
+        ({"kind": "ivf_flat", "probe": "joint", "user_nprobe": 0}, 32, "user_nprobe"),
     ],
 )
 def test_bad_configs_name_the_field(kwargs, dim, field):
@@ -441,3 +444,120 @@ def test_ivf_with_hnsw_quantizer_round_trip(tmp_path, data):
     assert recall_at_k(index.search(q, 10)[0], flat.search(q, 10)[0], 10) >= 0.99  # nprobe = nlist: exhaustive
     loaded = load_index(index.save(tmp_path / "h"))
     np.testing.assert_array_equal(loaded.search(q, 10)[0], index.search(q, 10)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# joint multi-vector probing (redrec.retrieval.ivf_joint)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def joint_data():
+    rng = np.random.default_rng(11)
+    centers = unit(rng.standard_normal((60, D)))
+    items = clustered(rng, 6000, centers)
+    users = clustered(rng, 40 * 5, centers).reshape(40, 5, D)  # 5 interest vectors per user
+    index = build_index(IndexConfig(kind="ivf_flat", nlist=48, nprobe=4, threads=1), D).fit(items)
+    seen = [rng.choice(len(items), size=int(rng.integers(0, 60)), replace=False) for _ in range(len(users))]
+    return {"items": items, "users": users, "index": index, "seen": seen}
+
+
+def _lists_brute_force(jivf, users, k, seen, user_nprobe):
+    """float64 top-k of each user over exactly the items of its probed lists (same probe as the kernel)."""
+    lists = jivf.probe(unit(users), user_nprobe)
+    ids = np.full((len(users), k), -1, np.int64)
+    for b in range(len(users)):
+        rows = np.concatenate([np.arange(jivf.offsets[x], jivf.offsets[x + 1]) for x in lists[b]])
+        cand = jivf.ids[rows]
+        s = (unit(users[b]).astype(np.float64) @ jivf.codes[rows].astype(np.float64).T).max(axis=0)
+        keep = ~np.isin(cand, seen[b])
+        cand, s = cand[keep], s[keep]
+        o = np.lexsort((cand, -s))[:k]
+        ids[b, : len(o)] = cand[o]
+    return ids
+
+
+def test_joint_probe_is_exact_over_the_probed_lists(joint_data):
+    d = joint_data
+    index = build_index(IndexConfig(kind="ivf_flat", nlist=48, nprobe=4, threads=1, probe="joint", user_nprobe=6),
+                        D).fit(d["items"])
+    ids, scores = index.search(d["users"], 20, exclude=d["seen"])
+    ref = _lists_brute_force(index._joint_index(), d["users"], 20, d["seen"], 6)
+    # float32 kernel vs float64 reference: the same items; the order may differ only between near-equal scores
+    assert all(set(a) == set(b) for a, b in zip(ids.tolist(), ref.tolist(), strict=True))
+    assert (np.diff(scores, axis=1) <= 0).all()
+    want = np.max(unit(d["users"]) @ d["items"][np.maximum(ids, 0)].transpose(0, 2, 1), axis=1)  # [B, k]
+    np.testing.assert_allclose(scores, want, atol=2e-6)
+    assert not any(set(r) & set(e.tolist()) for r, e in zip(ids.tolist(), d["seen"], strict=True))
+
+
+def test_joint_probe_of_every_list_is_the_exact_search(joint_data):
+    d = joint_data
+    index = d["index"]
+    index.set_search_params(probe="joint", user_nprobe=48)  # all lists: exhaustive
+    try:
+        ids, scores = index.search(d["users"], 15, exclude=d["seen"])
+    finally:
+        index.set_search_params(probe="per_vector", user_nprobe=0)
+    ref_ids, ref_scores = numpy_topk(d["users"], d["items"], 15, d["seen"])
+    assert np.array_equal(ids, ref_ids)
+    np.testing.assert_allclose(scores, ref_scores, atol=2e-6)
+
+
+def test_joint_probe_single_vector_equals_faiss_ivf(joint_data):
+    """K = 1: joint probing with user_nprobe = P visits the same P lists as FAISS with nprobe = P."""
+    d = joint_data
+    index = d["index"]
+    q = d["users"][:, 0]
+    faiss_ids, faiss_scores = index.search(q, 10)
+    index.set_search_params(probe="joint", user_nprobe=index.config.nprobe)
+    try:
+        ids, scores = index.search(q, 10)
+    finally:
+        index.set_search_params(probe="per_vector", user_nprobe=0)
+    np.testing.assert_allclose(scores, faiss_scores, atol=2e-6)
+    same = (ids == faiss_ids).mean()
+    assert same > 0.99, same  # only float ties between near-equal scores may swap
+
+
+def test_joint_probe_recall_beats_per_vector_at_equal_list_scans(joint_data):
+    """The same number of list scans per user (K * nprobe per-vector vs user_nprobe joint) finds more of the exact
+    top 10: every scanned item is scored by all K vectors."""
+    d = joint_data
+    index = d["index"]
+    exact_ids, _ = numpy_topk(d["users"], d["items"], 10)
+    K, nprobe = d["users"].shape[1], index.config.nprobe
+    per_vector = recall_at_k(index.search(d["users"], 10)[0], exact_ids, 10)
+    index.set_search_params(probe="joint", user_nprobe=K * nprobe)
+    try:
+        joint = recall_at_k(index.search(d["users"], 10)[0], exact_ids, 10)
+        index.set_search_params(user_nprobe=0)  # the default: 4 * nprobe, fewer scans than K * nprobe
+        joint_default = recall_at_k(index.search(d["users"], 10)[0], exact_ids, 10)
+    finally:
+        index.set_search_params(probe="per_vector", user_nprobe=0)
+    assert joint >= per_vector, (joint, per_vector)
+    assert joint > 0.9 and joint_default > 0.6, (joint, joint_default)
+
+
+def test_joint_probe_threads_padding_and_persistence(tmp_path, joint_data):
+    d = joint_data
+    cfg = IndexConfig(kind="ivf_flat", nlist=48, nprobe=4, probe="joint", user_nprobe=3, threads=1)
+    index = build_index(cfg, D).fit(d["items"])
+    one = index.search(d["users"], 12, exclude=d["seen"])
+    index.set_search_params(threads=2)
+    two = index.search(d["users"], 12, exclude=d["seen"])
+    assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
+    # k beyond the probed lists' items: -1 / -inf padding after the found ones
+    ids, scores = index.search(d["users"][:2], 5000)
+    assert (ids[:, -1] == -1).all() and np.isneginf(scores[:, -1]).all()
+    n = (ids >= 0).sum(axis=1)
+    assert ((ids >= 0).sum(axis=1) == np.isfinite(scores).sum(axis=1)).all() and (n < 5000).all()
+    assert all(len(set(r[r >= 0].tolist())) == c for r, c in zip(ids, n, strict=True))  # no duplicates
+    assert "probe='joint'" in repr(index) and index.memory_bytes() > len(d["items"]) * (8 * D + 16)
+    back = load_index(index.save(tmp_path / "joint"))
+    assert back.config.probe == "joint" and back.config.user_nprobe == 3
+    assert np.array_equal(back.search(d["users"], 12, exclude=d["seen"])[0], one[0])
+    # items added after a joint search are found by the next one (the list copy is rebuilt)
+    extra = unit(d["users"][:1, 0] + 1e-3)
+    back.add(extra)
+    assert back.search(d["users"][:1, :1], 1)[0][0, 0] == len(d["items"])

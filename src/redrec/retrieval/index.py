@@ -16,7 +16,9 @@ Conventions (shared with :mod:`redrec.retrieval.exact`):
 * items are numbered ``0 .. ntotal - 1`` in the order they were added;
 * a user with ``K`` vectors scores an item by ``max_k cos(u_k, v)``; each of the K vectors is searched for
   ``k + max(len(exclude))`` items (IVF kinds: ``k`` items, the user's excluded ids skipped inside the list scan)
-  and the K lists are merged by max score per item;
+  and the K lists are merged by max score per item -- or, for ``ivf_flat`` with ``probe="joint"``
+  (:mod:`redrec.retrieval.ivf_joint`), the user's best ``user_nprobe`` lists are scanned once and every item in
+  them is scored by all K vectors (fewer list scans, and exact max-over-K scores for every candidate);
 * results are ordered by score, descending, the lower item id first among equal scores; slots that cannot be
   filled (fewer eligible items found than ``k``) hold id ``-1`` and score ``-inf``.
 
@@ -143,7 +145,14 @@ class IndexConfig:
         train_iters: k-means iterations of the coarse quantizer.
         add_chunk: rows normalised and added per FAISS call (bounds the extra memory of ``add``).
         seed: sampling and k-means seed.
-        threads: OpenMP threads for FAISS calls; ``None`` = FAISS's default (all cores).
+        threads: OpenMP threads for FAISS calls (and worker threads of the joint probe); ``None`` = FAISS's
+            default (all cores).
+        probe: how a multi-vector user searches an IVF index: ``"per_vector"`` (FAISS: each of the K vectors
+            visits its ``nprobe`` lists, the K lists are merged) or ``"joint"`` (``ivf_flat`` only: the user's
+            ``user_nprobe`` best lists by ``max_k cos(u_k, centroid)`` are scanned once, each item scored by all K
+            vectors; see :mod:`redrec.retrieval.ivf_joint`; holds a second copy of the lists in memory).
+        user_nprobe: lists scanned per user with ``probe="joint"``; ``None`` = ``4 * nprobe`` (clamped to
+            ``nlist``).
     """
 
     kind: IndexKind = "flat"
@@ -160,6 +169,8 @@ class IndexConfig:
     add_chunk: int = 65_536
     seed: int = 0
     threads: int | None = None
+    probe: Literal["per_vector", "joint"] = "per_vector"
+    user_nprobe: int | None = None
 
     def validate(self, source: str | None = None) -> None:
         """Raise :class:`~redrec.errors.ConfigError` naming the first bad field."""
@@ -173,7 +184,12 @@ class IndexConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(src, name, f"must be an integer >= {lo}, got {v!r}")
-        for name in ("nlist", "pq_m", "train_size", "threads"):
+        if self.probe not in ("per_vector", "joint"):
+            raise ConfigError(src, "probe", f"must be 'per_vector' or 'joint', got {self.probe!r}")
+        if self.probe == "joint" and self.kind != "ivf_flat":
+            raise ConfigError(src, "probe", f"'joint' probing needs kind 'ivf_flat' (this index is {self.kind!r}); "
+                              "use probe='per_vector'")
+        for name in ("nlist", "pq_m", "train_size", "threads", "user_nprobe"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(src, name, f"must be a positive integer or null, got {v!r}")
@@ -189,6 +205,10 @@ class IndexConfig:
         if self.kind == "ivf_pq" and self.pq_m is not None and dim % self.pq_m:
             divisors = [m for m in range(1, dim + 1) if dim % m == 0]
             raise ConfigError(src, "pq_m", f"must divide dim={dim}, got {self.pq_m} (divisors of {dim}: {divisors})")
+
+    def resolved_user_nprobe(self) -> int:
+        """Lists scanned per user by the joint probe: ``user_nprobe`` or ``4 * nprobe``."""
+        return self.user_nprobe if self.user_nprobe is not None else 4 * self.nprobe
 
     def resolved_pq_m(self, dim: int) -> int:
         """``pq_m``, or its default for ``dim``: the largest divisor of ``dim`` that is at most ``dim / 2``."""
@@ -374,6 +394,8 @@ class Index:
         self._config = config
         self._dim = int(dim)
         self._index = _faiss_index
+        self._joint: Any = None  # ivf_joint.JointIVF, built on the first joint search
+        self._joint_lock = threading.Lock()
         if self._index is None and config.kind not in _IVF_KINDS:
             self._index = self._new_faiss_index(config.nlist or 1)
         if self._index is not None:
@@ -419,7 +441,7 @@ class Index:
             return n * 4 * d + 4 * int(h.neighbors.size()) + 4 * int(h.levels.size()) + 8 * int(h.offsets.size())
         fixed = int(idx.nlist) * 4 * d
         if self.kind == "ivf_flat":
-            return n * (4 * d + 8) + fixed
+            return n * (4 * d + 8) + fixed + (self._joint.memory_bytes() if self._joint is not None else 0)
         if self.kind in _SQ_TYPES:
             return n * (int(idx.code_size) + 8) + fixed
         return n * (int(idx.code_size) + 8) + fixed + 4 * d * (1 << int(idx.pq.nbits))
@@ -427,7 +449,8 @@ class Index:
     def __repr__(self) -> str:
         c = self._config
         ivf = f", nlist={c.nlist}, nprobe={c.nprobe}"
-        extra = {"ivf_flat": ivf, "ivf_fp16": ivf, "ivf_sq8": ivf,
+        joint = f", probe='joint', user_nprobe={c.resolved_user_nprobe()}" if c.probe == "joint" else ""
+        extra = {"ivf_flat": ivf + joint, "ivf_fp16": ivf, "ivf_sq8": ivf,
                  "ivf_pq": f", nlist={c.nlist}, nprobe={c.nprobe}, pq_m={c.pq_m}, pq_nbits={c.pq_nbits}",
                  "hnsw": f", hnsw_m={c.hnsw_m}, ef_search={c.ef_search}", "flat": ""}[c.kind]
         return f"Index(kind={c.kind!r}, dim={self._dim}, ntotal={self.ntotal}{extra})"
@@ -469,7 +492,8 @@ class Index:
             idx.hnsw.efSearch = c.ef_search
 
     def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None,
-                          threads: int | None = None) -> None:
+                          threads: int | None = None, probe: str | None = None,
+                          user_nprobe: int | None = None) -> None:
         """Change search-time settings (kept in :attr:`config` and saved).
 
         Args:
@@ -477,6 +501,8 @@ class Index:
             ef_search: HNSW beam width (``hnsw`` only).
             threads: OpenMP threads for later FAISS calls (any kind; 1 is best for single queries; 0 = back to
                 FAISS's default, all cores).
+            probe: ``"per_vector"`` or ``"joint"`` (``ivf_flat`` only; see :class:`IndexConfig`).
+            user_nprobe: lists per user of the joint probe (0 = back to ``4 * nprobe``).
         """
         c = self._config
         if nprobe is not None and c.kind not in _IVF_KINDS:
@@ -485,7 +511,9 @@ class Index:
             raise ConfigError(_SOURCE, "ef_search", f"only hnsw indexes use ef_search (this one is {c.kind})")
         new = dataclasses.replace(c, nprobe=c.nprobe if nprobe is None else nprobe,
                                   ef_search=c.ef_search if ef_search is None else ef_search,
-                                  threads=c.threads if threads is None else (threads or None))
+                                  threads=c.threads if threads is None else (threads or None),
+                                  probe=c.probe if probe is None else probe,
+                                  user_nprobe=c.user_nprobe if user_nprobe is None else (user_nprobe or None))
         new.validate()
         self._config = new
         if self._index is not None:
@@ -551,6 +579,7 @@ class Index:
         """
         vectors, n = _shape2(vectors, self._dim, "item vectors")
         self._require_trained("add")
+        self._joint = None  # the joint-probe copy of the lists is rebuilt on the next joint search
         step = self._config.add_chunk
         with _omp_threads(self._config.threads):
             for a in range(0, n, step):
@@ -582,7 +611,8 @@ class Index:
             ``(ids int64 [B, k], scores float32 [B, k])``; score = (max over K) cosine, approximate for
             ``ivf_pq``; padding is id -1 / score ``-inf``.  Each of the K vectors is searched for
             ``k + max exclusion length`` items (IVF kinds: ``k`` items with the user's exclusions skipped during
-            the scan), so the result is exact for ``flat`` (up to ties at the cut).
+            the scan), so the result is exact for ``flat`` (up to ties at the cut).  With ``probe="joint"`` the
+            user's ``user_nprobe`` best lists are scanned once with all K vectors instead.
         """
         q = _as_numpy(queries)
         if q.ndim == 2:
@@ -605,6 +635,10 @@ class Index:
         if len(exc) != B:
             raise ValueError(f"{len(exc)} exclusion rows for {B} users")
         elens = np.fromiter((len(e) for e in exc), dtype=np.int64, count=B)
+        if self._config.probe == "joint":
+            ex = [np.asarray(e, dtype=np.int64) for e in exc] if exclude is not None and elens.any() else None
+            return self._joint_index().search(_normalized(q), k, self._config.resolved_user_nprobe(), ex,
+                                              threads=self._config.threads)
         q = _normalized(q).reshape(B * K, d)
         if exclude is not None and self.kind in _IVF_KINDS and elens.any():
             # IVF: each user's exclusion list filters its own scan (FAISS IDSelector), so k' = k, not k + |excl|
@@ -623,6 +657,15 @@ class Index:
                 ex = exc[u0:u1] if exclude is not None and elens[u0:u1].any() else None
                 out_i[u0:u1], out_s[u0:u1] = _merge(i.reshape(b, K * kp), s.reshape(b, K * kp), k, ex, n_items)
         return out_i, out_s
+
+    def _joint_index(self) -> Any:
+        """The lists in the joint-probe layout (copied from the FAISS index on first use)."""
+        with self._joint_lock:
+            if self._joint is None or self._joint.n_items != self.ntotal:
+                from redrec.retrieval.ivf_joint import JointIVF
+
+                self._joint = JointIVF.from_faiss(self._index)
+            return self._joint
 
     def _faiss_search(self, x: np.ndarray, kp: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         if exclude is not None:  # IVF kinds only: the excluded ids are skipped during the list scan

@@ -1,0 +1,315 @@
+"""Joint IVF probing for multi-vector users: one scan of a user's lists, every candidate scored by all K vectors.
+
+FAISS searches an IVF index one query vector at a time.  A RED-Rec user has ``K`` interest vectors (9 with the
+default 3 queries x 3 scenarios) and scores an item by ``max_k cos(u_k, v)`` (paper section 4.2), so the FAISS way
+is ``K`` separate searches of ``nprobe`` lists each, ``K`` heaps, then a merge: ``K * nprobe`` list scans per user,
+each item compared with one vector at a time.
+
+Joint probing ranks the coarse lists once per *user*, by ``max_k cos(u_k, centroid_l)``, takes the best
+``user_nprobe`` of them, and scans each chosen list once, scoring every item in it by the max over all ``K``
+vectors (``K`` dot products while the item's row is in registers) into a single top-``k`` heap that skips the
+user's excluded items.  Per scanned item the arithmetic is the same as FAISS's (``K d`` multiply-adds), but there
+are ``user_nprobe`` scans instead of ``K * nprobe``, and every candidate gets its exact max-over-K score instead of
+the score of only the vectors that happened to probe its list.  For ``K = 1`` it is the ordinary IVF search with
+``nprobe = user_nprobe``.
+
+Scores are float32 dot products of L2-normalised vectors (as FAISS's); results are ordered by score, descending,
+the lower item id first among equal scores; missing slots are id ``-1`` / score ``-inf``.
+
+The lists are copied out of the FAISS ``IndexIVFFlat`` once (:meth:`JointIVF.from_faiss`) into one contiguous
+``[N, d]`` float32 array ordered by list (``4 d + 8`` bytes per item again: the FAISS index is kept for saving and
+for the per-vector search).  The scan runs in numba (``nogil``), users split over ``threads`` worker threads.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+_FASTMATH = {"nnan", "nsz", "reassoc", "contract"}  # the dot products may be reordered (inputs are finite)
+
+
+@njit(nogil=True, fastmath=_FASTMATH, cache=True)
+def _score_rows(q, codes, a, b, out):  # pragma: no cover - compiled
+    """``out[j - a] = max_k q[k] . codes[j]`` for rows ``a <= j < b`` (``q`` ``[K, d]``)."""
+    K, d = q.shape
+    for j in range(a, b):
+        best = np.float32(-np.inf)
+        for kk in range(K):
+            s = np.float32(0.0)
+            for t in range(d):
+                s += q[kk, t] * codes[j, t]
+            if s > best:
+                best = s
+        out[j - a] = best
+
+
+@njit(nogil=True, cache=True)
+def _worse(s1, i1, s2, i2):  # pragma: no cover - compiled
+    """Entry (s1, i1) ranks below (s2, i2): lower score, or equal score and higher id."""
+    return s1 < s2 or (s1 == s2 and i1 > i2)
+
+
+@njit(nogil=True, cache=True)
+def _sift_down(hs, hi, n, s, i):  # pragma: no cover - compiled
+    """Put (s, i) at the root of the min-heap ``hs/hi[:n]`` (worst entry at the root) and restore the order."""
+    c = 0
+    while True:
+        left = 2 * c + 1
+        if left >= n:
+            break
+        m = left
+        if left + 1 < n and _worse(hs[left + 1], hi[left + 1], hs[left], hi[left]):
+            m = left + 1
+        if _worse(hs[m], hi[m], s, i):
+            hs[c] = hs[m]
+            hi[c] = hi[m]
+            c = m
+        else:
+            break
+    hs[c] = s
+    hi[c] = i
+
+
+@njit(nogil=True, cache=True)
+def _push(hs, hi, n, k, s, i):  # pragma: no cover - compiled
+    """Offer (s, i) to the top-``k`` min-heap holding ``n`` entries; returns the new count."""
+    if n < k:
+        c = n
+        while c > 0:
+            par = (c - 1) >> 1
+            if _worse(s, i, hs[par], hi[par]):
+                hs[c] = hs[par]
+                hi[c] = hi[par]
+                c = par
+            else:
+                break
+        hs[c] = s
+        hi[c] = i
+        return n + 1
+    if _worse(hs[0], hi[0], s, i):
+        _sift_down(hs, hi, n, s, i)
+    return n
+
+
+@njit(nogil=True, fastmath=_FASTMATH, cache=True)
+def _joint_scan(q, lists, n_lists, codes, ids, offsets, k, exc_ptr, exc_ids, mark, scratch,
+                out_i, out_s):  # pragma: no cover - compiled
+    """Per user ``b``: the top ``k`` of the items in lists ``lists[b, :n_lists[b]]`` by ``max_k q[b, k] . v``,
+    without ``exc_ids[exc_ptr[b]:exc_ptr[b + 1]]``.  ``mark`` (uint8, one per item) is zero on entry and on exit;
+    ``scratch`` holds one list's scores."""
+    B = q.shape[0]
+    n_items = mark.size
+    hs = np.empty(k, np.float32)
+    hi = np.empty(k, np.int64)
+    for b in range(B):
+        for j in range(exc_ptr[b], exc_ptr[b + 1]):
+            e = exc_ids[j]
+            if 0 <= e < n_items:
+                mark[e] = 1
+        qb = q[b]
+        n = 0
+        for p in range(n_lists[b]):
+            lst = lists[b, p]
+            a0 = offsets[lst]
+            a1 = offsets[lst + 1]
+            _score_rows(qb, codes, a0, a1, scratch)
+            for j in range(a1 - a0):
+                s = scratch[j]
+                if n == k and s < hs[0]:  # the common case: below the k-th best so far
+                    continue
+                i = ids[a0 + j]
+                if mark[i] != 0:
+                    continue
+                n = _push(hs, hi, n, k, s, i)
+        # pop the heap: worst first, so fill from the back (best first in the output)
+        m = n
+        while m > 0:
+            out_s[b, m - 1] = hs[0]
+            out_i[b, m - 1] = hi[0]
+            m -= 1
+            if m > 0:
+                _sift_down(hs, hi, m, hs[m], hi[m])
+        for j in range(exc_ptr[b], exc_ptr[b + 1]):
+            e = exc_ids[j]
+            if 0 <= e < n_items:
+                mark[e] = 0
+
+
+class _Workers:
+    """``n`` persistent daemon threads, each with its own queue: :meth:`run` hands task ``i`` to thread ``i`` (the
+    caller runs the last one) and waits for all.  (A ``ThreadPoolExecutor`` reuses one idle worker for tasks
+    submitted back to back, so two tasks may run one after the other; here each task has its own thread.)"""
+
+    def __init__(self, n: int, name: str):
+        self.n = n
+        self._queues: list[queue.SimpleQueue] = []
+        for w in range(n):
+            q: queue.SimpleQueue = queue.SimpleQueue()
+            threading.Thread(target=self._loop, args=(q,), name=f"{name}-{w}", daemon=True).start()
+            self._queues.append(q)
+
+    @staticmethod
+    def _loop(q: queue.SimpleQueue) -> None:
+        while True:
+            task = q.get()
+            if task is None:
+                return
+            fn, done, errors = task
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                errors.append(e)
+            finally:
+                done.release()
+
+    def run(self, tasks: list[Callable[[], None]]) -> None:
+        if len(tasks) > self.n + 1:
+            raise ValueError(f"{len(tasks)} tasks for {self.n} workers + the caller")
+        done = threading.Semaphore(0)
+        errors: list[BaseException] = []
+        for q, fn in zip(self._queues, tasks[:-1], strict=False):
+            q.put((fn, done, errors))
+        try:
+            tasks[-1]()
+        finally:
+            for _ in tasks[:-1]:
+                done.acquire()
+        if errors:
+            raise errors[0]
+
+    def close(self) -> None:
+        for q in self._queues:
+            q.put(None)
+
+
+class JointIVF:
+    """The lists of an IVF-Flat index laid out for joint probing.
+
+    Attributes:
+        centroids: float32 ``[nlist, d]`` coarse centroids.
+        codes: float32 ``[N, d]`` item vectors, list by list (list ``l`` = rows ``offsets[l]:offsets[l + 1]``).
+        ids: int64 ``[N]`` item id of each row.
+        offsets: int64 ``[nlist + 1]``.
+        n_items: item ids are ``0 .. n_items - 1``.
+    """
+
+    def __init__(self, centroids: np.ndarray, codes: np.ndarray, ids: np.ndarray, offsets: np.ndarray, n_items: int):
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        self.codes = codes
+        self.ids = ids
+        self.offsets = offsets
+        self.n_items = int(n_items)
+        sizes = np.diff(offsets)
+        self._max_list = int(sizes.max()) if len(sizes) else 0
+        self._local = threading.local()
+        self._workers: _Workers | None = None
+        self._workers_lock = threading.Lock()
+
+    @classmethod
+    def from_faiss(cls, index: Any) -> JointIVF:
+        """Copy the lists of a FAISS ``IndexIVFFlat`` (inner product) into the joint layout."""
+        import faiss
+
+        ivf = faiss.extract_index_ivf(index)
+        invlists = ivf.invlists
+        nlist, d = int(ivf.nlist), int(ivf.d)
+        sizes = np.fromiter((invlists.list_size(lst) for lst in range(nlist)), dtype=np.int64, count=nlist)
+        offsets = np.zeros(nlist + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        n = int(offsets[-1])
+        codes = np.empty((n, d), dtype=np.float32)
+        ids = np.empty(n, dtype=np.int64)
+        for lst in np.flatnonzero(sizes):
+            a, b = int(offsets[lst]), int(offsets[lst + 1])
+            faiss.memcpy(faiss.swig_ptr(codes[a:b]), invlists.get_codes(int(lst)), (b - a) * d * 4)
+            faiss.memcpy(faiss.swig_ptr(ids[a:b]), invlists.get_ids(int(lst)), (b - a) * 8)
+        centroids = ivf.quantizer.reconstruct_n(0, nlist)
+        return cls(centroids, codes, ids, offsets, int(ivf.ntotal))
+
+    @property
+    def nlist(self) -> int:
+        return int(self.centroids.shape[0])
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the copied lists and centroids."""
+        return int(self.codes.nbytes + self.ids.nbytes + self.offsets.nbytes + self.centroids.nbytes)
+
+    def probe(self, q: np.ndarray, user_nprobe: int) -> np.ndarray:
+        """int64 ``[B, P]`` lists to scan per user (``P = min(user_nprobe, nlist)``), in memory order: the best
+        ``P`` lists by ``max_k cos(q[b, k], centroid)``."""
+        B, K, d = q.shape
+        P = min(int(user_nprobe), self.nlist)
+        cs = (q.reshape(B * K, d) @ self.centroids.T).reshape(B, K, self.nlist).max(axis=1)
+        if P < self.nlist:
+            top = np.argpartition(-cs, P - 1, axis=1)[:, :P]
+        else:
+            top = np.broadcast_to(np.arange(self.nlist), (B, P))
+        return np.sort(top, axis=1).astype(np.int64)
+
+    def _scratch(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-thread (mark, scores) scratch; ``mark`` is left zeroed by the kernel."""
+        loc = self._local
+        if getattr(loc, "mark", None) is None or loc.mark.size < self.n_items:
+            loc.mark = np.zeros(max(1, self.n_items), dtype=np.uint8)
+            loc.scores = np.empty(max(1, self._max_list), dtype=np.float32)
+        return loc.mark, loc.scores
+
+    def _run(self, tasks: list[Callable[[], None]]) -> None:
+        """Run ``tasks`` in parallel (the caller takes one); one search at a time uses the workers, a concurrent
+        one runs its tasks in its own thread."""
+        if len(tasks) == 1 or not self._workers_lock.acquire(blocking=False):
+            for fn in tasks:
+                fn()
+            return
+        try:
+            if self._workers is None or self._workers.n < len(tasks) - 1:
+                if self._workers is not None:
+                    self._workers.close()
+                self._workers = _Workers(len(tasks) - 1, "redrec-ivf")
+            self._workers.run(tasks)
+        finally:
+            self._workers_lock.release()
+
+    def search(self, q: np.ndarray, k: int, user_nprobe: int, exclude: list[np.ndarray] | None = None,
+               threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` per user of unit ``q`` ``[B, K, d]`` (float32, C order); ``exclude``: per user, item ids never
+        returned.  Returns ``(ids int64 [B, k], scores float32 [B, k])``, padded with ``-1`` / ``-inf``."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        B = q.shape[0]
+        out_i = np.full((B, k), -1, dtype=np.int64)
+        out_s = np.full((B, k), -np.inf, dtype=np.float32)
+        if B == 0 or self.nlist == 0:
+            return out_i, out_s
+        lists = self.probe(q, user_nprobe)
+        n_lists = np.full(B, lists.shape[1], dtype=np.int64)
+        ptr = np.zeros(B + 1, dtype=np.int64)
+        if exclude is not None:
+            ptr[1:] = np.cumsum([len(e) for e in exclude])
+            exc = (np.concatenate([np.asarray(e, dtype=np.int64).reshape(-1) for e in exclude])
+                   if ptr[-1] else np.zeros(0, np.int64))
+        else:
+            exc = np.zeros(0, dtype=np.int64)
+        n_threads = max(1, min(int(threads or os.cpu_count() or 1), B))
+
+        def run(u0: int, u1: int) -> None:
+            mark, scratch = self._scratch()
+            _joint_scan(q[u0:u1], lists[u0:u1], n_lists[u0:u1], self.codes, self.ids, self.offsets, int(k),
+                        ptr[u0:u1 + 1] - ptr[u0], exc[ptr[u0]:ptr[u1]], mark, scratch, out_i[u0:u1], out_s[u0:u1])
+
+        bounds = np.linspace(0, B, n_threads + 1).astype(int)
+        self._run([lambda a=int(a), b=int(b): run(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a])
+        return out_i, out_s
+
+    def close(self) -> None:
+        """Stop the worker threads (a later search starts them again)."""
+        with self._workers_lock:
+            if self._workers is not None:
+                self._workers.close()
+                self._workers = None
