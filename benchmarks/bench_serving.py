@@ -82,6 +82,15 @@ def setup(work: Path, items: int, users: int, index_kind: str = "ivf_flat") -> d
     return {"store": store, "run": run_dir, "items": emb, "index": index}
 
 
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its threads (Linux ``/proc``; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,17 +142,23 @@ def encode_post(path: str, body: dict) -> bytes:
             f"Content-Length: {len(data)}\r\n\r\n").encode() + data
 
 
-async def load(port: int, users: list[str], conc: int, seconds: float, k: int, warmup: float,
-               ) -> tuple[list[float], int, float]:
+async def load(port: int, users: list[str], conc: int, seconds: float, k: int, warmup: float, server_pid: int,
+               ) -> tuple[list[float], int, float, float, float]:
     """``conc`` closed-loop clients (one connection each) for ``warmup + seconds``; returns latencies (s) after
     warm-up, errors (non-200 status, a broken connection, or -- on every 20th response, parsed -- a list that is
-    not ``k`` items long) and the measured wall time."""
+    not ``k`` items long), the measured wall time, and the CPU seconds the server process and this process used
+    during it."""
     reqs = [encode_post("/v1/recommend", {"user": u, "k": k, "exclude_seen": True}) for u in users]
     lat: list[float] = []
     errors = 0
     t_start = time.perf_counter()
     t_measure = t_start + warmup
     t_end = t_measure + seconds
+    cpu0: list[float] = []
+
+    async def mark() -> None:  # CPU counters at the start of the measured window
+        await asyncio.sleep(max(0.0, t_measure - time.perf_counter()))
+        cpu0.extend([proc_cpu(server_pid), time.process_time()])
 
     async def worker(w: int) -> None:
         nonlocal errors
@@ -170,8 +185,26 @@ async def load(port: int, users: list[str], conc: int, seconds: float, k: int, w
         finally:
             conn.writer.close()
 
-    await asyncio.gather(*(worker(w) for w in range(conc)))
-    return lat, errors, time.perf_counter() - t_measure
+    await asyncio.gather(mark(), *(worker(w) for w in range(conc)))
+    wall = time.perf_counter() - t_measure
+    return lat, errors, wall, proc_cpu(server_pid) - cpu0[0], time.process_time() - cpu0[1]
+
+
+def served_recall(client, items_dir: Path, users: list[str], k: int) -> float:
+    """Mean recall@k of ``POST /v1/recommend`` (``exclude_seen: false``) against the exact top-k of the same
+    user's interest vectors (``POST /v1/embed/user``) over all item embeddings (:func:`redrec.retrieval.engine.search`)."""
+    from redrec.embed import load_embeddings
+    from redrec.retrieval.engine import search
+
+    emb = load_embeddings(items_dir)
+    vecs, served = [], []
+    for u in users:
+        vecs.append(client.post("/v1/embed/user", json={"user": u}).json()["vectors"])
+        got = client.post("/v1/recommend", json={"user": u, "k": k, "exclude_seen": False}).json()["items"]
+        served.append({it["id"] for it in got})
+    rows, _ = search(np.asarray(vecs, np.float32), np.asarray(emb.vectors), k, items_normalized=True)
+    ids = np.asarray(emb.ids)
+    return float(np.mean([len(s & set(ids[r].tolist())) / k for s, r in zip(served, rows, strict=True)]))
 
 
 def run_loop(coro):
@@ -194,7 +227,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--index-kind", default="ivf_flat", choices=["ivf_flat", "ivf_fp16", "ivf_sq8"])
-    ap.add_argument("--serve-args", default="", help="extra `redrec serve` arguments, e.g. '--max-wait-ms 1'")
+    ap.add_argument("--serve-args", default="", help="extra `redrec serve` arguments, e.g. '--serve-args=--compile'")
+    ap.add_argument("--recall-users", type=int, default=100, help="users whose served lists are checked against "
+                    "the exact search")
     args = ap.parse_args()
 
     import httpx
@@ -252,7 +287,8 @@ def main() -> None:
         rows = []
         for conc in args.concurrency:
             m0 = scrape(client, url)
-            lat, errors, wall = run_loop(load(port, users, conc, args.seconds, args.k, args.warmup))
+            lat, errors, wall, cpu_server, cpu_client = run_loop(
+                load(port, users, conc, args.seconds, args.k, args.warmup, server.pid))
             m1 = scrape(client, url)
             d = {key: m1.get(key, 0.0) - m0.get(key, 0.0) for key in m1}
             tower = msum(d, r"redrec_user_tower_seconds_sum.*")
@@ -273,10 +309,13 @@ def main() -> None:
                 "tower_ms_per_batch": 1e3 * tower / batches if batches else float("nan"),
                 "index_ms_per_batch": 1e3 * index / batches if batches else float("nan"),
                 "queue_wait_ms": 1e3 * qwait,
+                "server_cpu_ms_per_req": 1e3 * cpu_server / max(1, len(lat)),
+                "client_cpu_ms_per_req": 1e3 * cpu_client / max(1, len(lat)),
             })
             r = rows[-1]
             print(f"  c={conc}: {r['requests']} requests, {r['errors']} errors, {r['rps']:.0f} req/s, "
                   f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms", flush=True)
+        recall = served_recall(client, paths["items"], users[: args.recall_users], args.k)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -290,14 +329,17 @@ def main() -> None:
           f"{args.warmup:.0f} s warm-up; client latency over loopback")
     print("server time per batch: history read, user tower (input conversion + forward), index search (+ result "
           "lists); queue wait per request")
+    print("CPU ms per request: the server process and the load generator (2 cores = 2,000 CPU ms per second)")
     print("| concurrency | requests | errors | req/s | p50 ms | p99 ms | max ms | mean batch | history ms | tower ms "
-          "| index ms | tower / (tower + index) | queue wait ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| index ms | tower / (tower + index) | queue wait ms | server CPU ms/req | client CPU ms/req |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | "
               f"{r['p99_ms']:.1f} | {r['max_ms']:.1f} | {r['mean_batch']:.2f} | {r['history_ms_per_batch']:.1f} | "
               f"{r['tower_ms_per_batch']:.1f} | {r['index_ms_per_batch']:.1f} | {r['tower_share']:.0%} | "
-              f"{r['queue_wait_ms']:.1f} |")
+              f"{r['queue_wait_ms']:.1f} | {r['server_cpu_ms_per_req']:.2f} | {r['client_cpu_ms_per_req']:.2f} |")
+    print(f"recall@{args.k} of the served lists against the exact search over all items (same interest vectors "
+          f"from /v1/embed/user, seen items not excluded), {len(users[: args.recall_users])} users: {recall:.3f}")
     goal = [r for r in rows if r["concurrency"] == 8]
     if goal:
         g = goal[0]

@@ -53,6 +53,15 @@ def test_shapes_and_unit_norm():
     assert v.shape == (2, 16) and torch.allclose(v.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
+@pytest.mark.parametrize("readout", ["queries", "last"])
+def test_interests_only_forward_equals_the_full_one(readout):
+    """``forward(batch, seq=False)`` (inference) puts only the interest rows through the head: same vectors."""
+    m = model(readout=readout, **({"query_scope": "shared"} if readout == "last" else {}))
+    b = batch()
+    full, lean = m(b), m(b, seq=False)
+    assert "seq" not in lean and torch.allclose(full["interests"], lean["interests"], atol=1e-6)
+
+
 def test_history_is_causal_and_queries_see_everything():
     m = model()
     b = batch()

@@ -459,6 +459,60 @@ def test_faiss_index_and_item_embeddings(env):
         Recommender.load(env["run"], index=small)
 
 
+def test_joint_probe_ivf_index(env):
+    """--index-probe joint over an IVF-Flat index probing every list gives the exact engine's lists; joint on
+    another kind and a bad probe name are refused at load."""
+    from redrec.embed import EmbedConfig, embed_items, load_embeddings, merge_embeddings
+    from redrec.errors import ConfigError
+    from redrec.retrieval.index import IndexConfig, build_index
+
+    root, st, exact = env["root"], env["st"], env["rec"]
+    emb = root / "emb-items"
+    if not emb.exists():
+        embed_items(env["run"], None, emb, EmbedConfig(device="cpu", progress=False))
+        merge_embeddings(emb, progress=False)
+    vecs = np.asarray(load_embeddings(emb).vectors)
+    ivf = build_index(IndexConfig(kind="ivf_flat", nlist=8, nprobe=2), 16).fit(vecs).save(root / "ivf")
+    rec = Recommender.load(env["run"], index=ivf, item_embeddings=emb, index_probe="joint", index_nprobe=8)
+    pool = rec.pools[None].index
+    assert pool.config.probe == "joint" and pool.config.user_nprobe == 8 and pool.config.threads == (os.cpu_count() or 1)
+    hist = [events_from_store(st, u) for u in range(6)]
+    a, b = rec.recommend(hist, k=10), exact.recommend(hist, k=10)
+    assert [[x.id for x in r] for r in a] == [[x.id for x in r] for r in b]
+    np.testing.assert_allclose([[x.score for x in r] for r in a], [[x.score for x in r] for r in b], atol=1e-5)
+    assert [[x.interest for x in r] for r in a] == [[x.interest for x in r] for r in b]
+    assert rec.reload().pools[None].index.config.probe == "joint"  # hot reload keeps the serving options
+    per = Recommender.load(env["run"], index=ivf, item_embeddings=emb, index_nprobe=3)
+    assert per.pools[None].index.config.probe == "per_vector" and per.pools[None].index.config.nprobe == 3
+    assert per.pools[None].index.config.threads == 1
+    flat = build_index(IndexConfig(kind="flat"), 16).fit(vecs).save(root / "idx-flat")
+    for kwargs, field in (({"index": flat, "index_probe": "joint"}, "index_probe"),
+                          ({"index": ivf, "index_probe": "both"}, "index_probe"),
+                          ({"index": ivf, "index_nprobe": 0}, "index_nprobe")):
+        with pytest.raises(ConfigError, match=field):
+            Recommender.load(env["run"], item_embeddings=emb, **kwargs)
+
+
+def test_bfloat16_and_compiled_user_tower(env):
+    """--precision bfloat16 (autocast) and --compile (torch.compile, batches padded to >= 2 x 2) give the float32
+    interest vectors within rounding, for batches of 1 and of several users, empty histories included."""
+    st, ref = env["st"], env["rec"]
+    hist = [events_from_store(st, u) for u in range(5)] + [[]]
+    want = ref.user_vectors(hist)
+    bf16 = Recommender.load(env["run"], precision="bfloat16")
+    cos = (bf16.user_vectors(hist) * want).sum(-1)
+    assert cos.min() > 0.995, cos.min()
+    t0 = time.perf_counter()
+    comp = Recommender.load(env["run"], compile=True)  # the warm-up compiles
+    assert comp.compiled and time.perf_counter() - t0 < 600
+    for batch in (hist, hist[:1], hist[-1:], hist[2:4]):
+        got = comp.user_vectors(batch)
+        assert got.shape == (len(batch), *want.shape[1:]) and got.flags["C_CONTIGUOUS"]
+        np.testing.assert_allclose(got, ref.user_vectors(batch), atol=2e-5)
+    with pytest.raises(Exception, match="precision"):
+        Recommender.load(env["run"], precision="float8")
+
+
 async def _later(coro, delay: float):
     await asyncio.sleep(delay)
     return await coro

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -395,13 +396,21 @@ def serve_cmd(
     device: str = typer.Option("cpu", "--device", help="Torch device of the user tower (cpu, cuda)."),
     precision: str = typer.Option("float32", "--precision", help="User tower compute: float32, or bfloat16 (autocast; ~1.7x faster on CPUs with AVX512-BF16/AMX)."),
     threads: int | None = typer.Option(None, "--threads", help="Torch threads of the user tower (default: all cores)."),
-    search_threads: int = typer.Option(1, "--search-threads", help="OpenMP threads of each FAISS search."),
+    compile_model: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the user tower (~2x faster on CPU; compiles for ~30-60 s at start-up; needs a C++ compiler)."),
+    search_threads: int = typer.Option(0, "--search-threads", help="Threads of each index search (0: all cores for the joint probe, 1 for FAISS)."),
+    index_probe: str = typer.Option("per_vector", "--index-probe", help="How the K interest vectors search an IVF index: per_vector (FAISS: K searches merged) or joint (ivf_flat: each user's best lists scanned once with all K vectors; another speed/recall trade-off, see benchmarks/bench_joint_probe.py)."),
+    index_nprobe: int | None = typer.Option(None, "--index-nprobe", help="IVF lists scanned per user (joint) or per vector (per_vector); default: the index's nprobe (joint: 4 x it)."),
     admin_token: str | None = typer.Option(None, "--admin-token", envvar="REDREC_ADMIN_TOKEN", help="Require 'Authorization: Bearer TOKEN' on /v1/admin/*."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     access_log: bool = typer.Option(False, "--access-log/--no-access-log", help="Log every request."),
     batch_delay_ms: float = typer.Option(0.0, "--batch-delay-ms", hidden=True, help="Testing: sleep per batch."),
 ) -> None:
     """Serve recommendations over HTTP (FastAPI): /v1/events, /v1/recommend, /v1/embed/user, /metrics, hot reload."""
+    if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+        # GNU OpenMP (torch's CPU threads) spins ~300k iterations after each parallel region by default; right after
+        # the user tower those spinning threads take the cores the index search runs on.  A shorter spin keeps
+        # the forward's own regions fast (measured: ~2.5 ms less per batch of 8 on 2 cores).
+        os.environ.setdefault("GOMP_SPINCOUNT", "100000")
     from redrec.serve.app import ServeConfig, serve
 
     if exact and index is not None:
@@ -411,7 +420,7 @@ def serve_cmd(
     serve(checkpoint, store=store, index=index, item_embeddings=item_embeddings, history=history,
           history_per_scenario=history_per_scenario, host=host, port=port, config=cfg, device=device,
           log_level=log_level, access_log=access_log, precision=precision, threads=threads,
-          search_threads=search_threads)
+          search_threads=search_threads, index_probe=index_probe, index_nprobe=index_nprobe, compile=compile_model)
 
 
 # --------------------------------------------------------------------------------------------------------------

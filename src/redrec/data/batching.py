@@ -41,12 +41,14 @@ def item_features(store: EventStore, ids: np.ndarray) -> np.ndarray | None:
     return np.asarray(vec[flat], dtype=np.float32).reshape(*np.shape(ids), vec.shape[1])
 
 
-def collate(seqs: Sequence[dict[str, np.ndarray]], store: EventStore, with_features: bool) -> dict[str, Tensor]:
+def collate(seqs: Sequence[dict[str, np.ndarray]], store: EventStore, with_features: bool,
+            min_len: int = 1) -> dict[str, Tensor]:
     """Right-pad sequences into ``item/scenario/hour/gap/position [B,L]`` long, ``time [B,L]`` long (each event's
     age ``t_now - t_j`` in store time units; read by the HSTU backbone), ``actions [B,L,A]`` float, ``mask [B,L]``
-    bool and (features towers) ``item_feat [B,L,F]`` float.  Padding is 0 (False)."""
+    bool and (features towers) ``item_feat [B,L,F]`` float.  Padding is 0 (False); ``L`` is the longest sequence,
+    at least ``min_len``."""
     B = len(seqs)
-    L = max(1, max(len(s["item"]) for s in seqs))
+    L = max(1, int(min_len), max(len(s["item"]) for s in seqs))
     A = max(1, len(store.actions_names))
     out = {k: np.zeros((B, L), np.int64) for k in ("item", "scenario", "hour", "gap", "position", "time")}
     actions = np.zeros((B, L, A), np.float32)

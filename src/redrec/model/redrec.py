@@ -177,13 +177,18 @@ class RedRec(nn.Module):
         out.masked_fill_(~allow[:, None], torch.finfo(dtype).min)
         return out
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Tensor], seq: bool = True) -> dict[str, Tensor]:
         """Run the user tower.
 
+        Args:
+            batch: a collated batch (:func:`redrec.data.batching.collate`).
+            seq: also project the history states (``seq``); ``False`` (inference: embeddings, serving) puts only
+                the K interest rows through the head.
+
         Returns:
-            ``seq`` [B, L, d] unit causal states (row t has seen events 0..t), ``interests`` [B, K, d] unit
-            interest vectors (readout ``last``: K = 1, the state at each user's last real event), ``item_h``
-            [B, L, H] the history items' hidden vectors (reusable by losses).
+            ``seq`` [B, L, d] unit causal states (row t has seen events 0..t; only with ``seq=True``),
+            ``interests`` [B, K, d] unit interest vectors (readout ``last``: K = 1, the state at each user's last
+            real event), ``item_h`` [B, L, H] the history items' hidden vectors (reusable by losses).
         """
         u = self.cfg.user_tower
         mask = batch["mask"]
@@ -213,12 +218,14 @@ class RedRec(nn.Module):
         else:
             attn = self.attention_mask(mask, h.dtype)
             out = self.backbone(inputs_embeds=h, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
-        z = l2norm(self.head(out))
         if self.queries is not None:
-            interests = z[:, L:]
+            rows = out[:, L:]
         else:  # the causal state at the last real event (row 0, a padding state, for an empty history)
-            interests = z[torch.arange(B, device=z.device), (lengths - 1).clamp(min=0)][:, None]
-        return {"seq": z[:, :L], "interests": interests, "item_h": item_h}
+            rows = out[torch.arange(B, device=out.device), (lengths - 1).clamp(min=0)][:, None]
+        result = {"interests": l2norm(self.head(rows)), "item_h": item_h}
+        if seq:
+            result["seq"] = l2norm(self.head(out[:, :L]))
+        return result
 
     # -- save / load -------------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:

@@ -76,7 +76,7 @@ class ModelScorer:
             seqs.append(user_sequence(store, user, seq, int(c.t_now), self.features))
         needs = getattr(self.model.item_tower, "needs_features", False)
         batch = {k: v.to(self.device) for k, v in collate(seqs, store, needs).items()}
-        interests = self.model(batch)["interests"]
+        interests = self.model(batch, seq=False)["interests"]
         if self._query_index is not None:
             interests = interests[:, self._query_index.to(interests.device)]
         return interests.float().cpu().numpy()

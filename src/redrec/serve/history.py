@@ -26,6 +26,7 @@ job.  Ordering everywhere is by timestamp, then by arrival (ties keep the order 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import sqlite3
@@ -659,7 +660,13 @@ class _ItemIdMap:
 
     def __call__(self, item_ids: Sequence[str]) -> np.ndarray:
         get = self.index.get
-        return np.fromiter((get(str(i), -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+        try:  # ids are str (checked events, ids read back from a history store): no conversion
+            out = np.fromiter(map(get, item_ids, itertools.repeat(-1)), dtype=np.int64, count=len(item_ids))
+        except TypeError:  # an unhashable id
+            return np.fromiter((get(str(i), -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+        for j in np.flatnonzero(out < 0):  # not found as given: try the id's text (e.g. an int id)
+            out[j] = get(str(item_ids[j]), -1)
+        return out
 
 
 _ITEM_LOOKUPS: weakref.WeakKeyDictionary[EventStore, _ItemIdMap] = weakref.WeakKeyDictionary()

@@ -24,12 +24,13 @@ per-scenario pool holds a copy of its items' vectors (``n_s * d * 4`` bytes) unl
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -38,9 +39,8 @@ from redrec.errors import ConfigError, DataError, RedrecError
 from redrec.serve.history import Event, EventRow, HistoryError, rows_to_user_events, to_user_events
 
 
-@dataclass(frozen=True)
-class Recommendation:
-    """One recommended item.
+class Recommendation(NamedTuple):
+    """One recommended item (a named tuple: hundreds are made per request).
 
     Attributes:
         id: the store's external item id.
@@ -211,13 +211,18 @@ class Recommender:
 
     def __init__(self, model: Any, store: EventStore, mixing: Any, features: Any, item_vectors: np.ndarray, *,
                  index: Any = None, subsets: dict[str, np.ndarray] | None = None, model_version: str = "",
-                 sources: dict[str, Any] | None = None, engine_config: Any = None, precision: str = "float32"):
+                 sources: dict[str, Any] | None = None, engine_config: Any = None, precision: str = "float32",
+                 compile: bool = False):
         import torch
 
         if precision not in PRECISIONS:
             raise ConfigError("serving", "precision", f"must be one of {list(PRECISIONS)}, got {precision!r}")
         self.precision = precision
         self.model = model.eval()
+        # torch.compile with dynamic shapes; batches are padded to >= 2 users and >= 2 events (see user_vectors)
+        # because sizes 0 and 1 get graphs of their own, each a compilation of tens of seconds
+        self.compiled = bool(compile)
+        self._forward = torch.compile(self.model, dynamic=True) if compile else self.model
         self.device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
         self.store = store
         self.mixing = mixing
@@ -245,7 +250,8 @@ class Recommender:
     def load(
         cls, checkpoint: str | Path, store: str | Path | None = None, *, index: str | Path | None = None,
         item_embeddings: str | Path | None = None, device: str = "cpu", reuse: Recommender | None = None,
-        engine_config: Any = None, warmup: bool = True, precision: str = "float32", search_threads: int = 1,
+        engine_config: Any = None, warmup: bool = True, precision: str = "float32", search_threads: int = 0,
+        index_probe: str = "per_vector", index_nprobe: int | None = None, compile: bool = False,
     ) -> Recommender:
         """Load a training run for serving.
 
@@ -264,7 +270,17 @@ class Recommender:
             precision: ``float32`` (default) or ``bfloat16``: the user tower runs under ``torch.autocast`` in
                 bfloat16 (about 1.7x faster on CPUs with AVX512-BF16 / AMX; interest vectors within cosine 0.9999
                 of float32 on the default model); weights, item vectors and the index are unchanged.
-            search_threads: OpenMP threads of each FAISS index search (1: a micro-batch is a few queries).
+            search_threads: threads of each index search; 0 = automatic: all cores for the joint probe (its users
+                are split over the threads), 1 for a FAISS search (a micro-batch is a few queries: OpenMP fan-out
+                costs more than it saves).
+            index_probe: how the K interest vectors search an IVF index: ``per_vector`` (FAISS: K searches of
+                ``nprobe`` lists, merged) or ``joint`` (``ivf_flat`` only: the user's best lists scanned once with all
+                K vectors, :mod:`redrec.retrieval.ivf_joint`: another speed / recall trade-off, measured by
+                ``benchmarks/bench_joint_probe.py``).
+            index_nprobe: lists scanned per user (``joint``) or per vector (``per_vector``); ``None`` = the
+                index's saved setting (``joint``: 4 x its ``nprobe``).
+            compile: run the user tower through ``torch.compile`` (inductor; needs a C++ compiler).  About 2x
+                faster forwards of small models on CPU, after a compilation of ~30-60 s at load (``warmup``).
 
         Raises:
             DataError / ConfigError: missing or inconsistent files (model vs store, index size, embeddings of
@@ -302,7 +318,24 @@ class Recommender:
             from redrec.retrieval.index import load_index
 
             idx = load_index(index)
-            idx.set_search_params(threads=int(search_threads))
+            probe = index_probe
+            if probe not in ("joint", "per_vector"):
+                raise ConfigError("serving", "index_probe", f"must be per_vector or joint, got {index_probe!r}")
+            if index_nprobe is not None and (isinstance(index_nprobe, bool) or int(index_nprobe) < 1):
+                raise ConfigError("serving", "index_nprobe", f"must be a positive integer, got {index_nprobe!r}")
+            if idx.kind not in ("ivf_flat", "ivf_fp16", "ivf_sq8", "ivf_pq"):
+                if index_probe == "joint" or index_nprobe is not None:
+                    raise ConfigError("serving", "index_probe" if index_probe == "joint" else "index_nprobe",
+                                      f"only IVF indexes have lists to probe (this one is {idx.kind})")
+            elif probe == "joint":
+                if idx.kind != "ivf_flat":
+                    raise ConfigError("serving", "index_probe", f"joint probing needs an ivf_flat index (this one is "
+                                      f"{idx.kind}); use per_vector")
+                idx.set_search_params(probe="joint", user_nprobe=index_nprobe)
+            else:
+                idx.set_search_params(probe="per_vector", nprobe=index_nprobe)
+            threads = int(search_threads) or ((os.cpu_count() or 1) if probe == "joint" else 1)
+            idx.set_search_params(threads=threads)
             if idx.dim != d:
                 raise DataError(index, "dim", f"the index holds {idx.dim}-d vectors, the model makes {d}-d ones")
             if idx.ntotal != st.n_items:
@@ -311,18 +344,25 @@ class Recommender:
         sources = {"checkpoint": str(Path(checkpoint).resolve()), "store": str(store_path.resolve()),
                    "index": str(Path(index).resolve()) if index else None,
                    "item_embeddings": str(Path(item_embeddings).resolve()) if item_embeddings else None,
-                   "device": device, "precision": precision, "search_threads": int(search_threads)}
+                   "device": device, "precision": precision, "search_threads": int(search_threads),
+                   "index_probe": index_probe, "index_nprobe": index_nprobe, "compile": bool(compile)}
         version = f"{(run_dir or model_dir).name}@{sha[:12]}"
         rec = cls(model, st, tc.mixing, tc.features, vecs, index=idx, subsets=subsets, model_version=version,
-                  sources=sources, engine_config=engine_config, precision=precision)
+                  sources=sources, engine_config=engine_config, precision=precision, compile=compile)
         if warmup:
             rec.warmup()
         return rec
 
     def warmup(self) -> None:
-        """One empty-history query per candidate pool (model forward, engine / FAISS search)."""
+        """One empty-history query per candidate pool (model forward, engine / FAISS search); a compiled user
+        tower is compiled here, on two histories of two events each."""
         pools = list(self.pools)
         self.answer([Query([], k=1, scenario=s) for s in pools])
+        if self.compiled:
+            n = min(self.store.n_users, 2)
+            users = [self.store.user(u) for u in range(n)]
+            fake = [UserInput(u, int(u.timestamp[-1]) if len(u) else 0, len(u)) for u in users]
+            self.user_vectors(fake + [fake[-1]] * (2 - n) if fake else [])
 
     def reload(self, checkpoint: str | Path | None = None, *, index: str | Path | None = None,
                item_embeddings: str | Path | None = None, exact: bool = False) -> Recommender:
@@ -338,7 +378,8 @@ class Recommender:
         emb = item_embeddings or (cur["item_embeddings"] if same else None)
         return Recommender.load(ckpt, cur["store"], index=idx, item_embeddings=emb, device=cur["device"], reuse=self,
                                 engine_config=self.pools[None].engine_config, precision=self.precision,
-                                search_threads=cur.get("search_threads", 1))
+                                search_threads=cur.get("search_threads", 0), index_probe=cur.get("index_probe", "per_vector"),
+                                index_nprobe=cur.get("index_nprobe"), compile=self.compiled)
 
     # -- shapes ----------------------------------------------------------------------------------------------------
     @property
@@ -402,11 +443,15 @@ class Recommender:
         for inp in inputs:
             seq = mix(inp.user.scenario, len(inp.user), self.mixing, self.scenarios)
             seqs.append(user_sequence(self.store, inp.user, seq, inp.t_now, self.features))
-        batch = {k: v.to(self.device) for k, v in collate(seqs, self.store, self.needs_features).items()}
+        B = len(seqs)
+        if self.compiled and B < 2:  # an empty history pads the batch (see __init__)
+            seqs = seqs + [{k: v[:0] for k, v in seqs[0].items()}]
+        batch = collate(seqs, self.store, self.needs_features, min_len=2 if self.compiled else 1)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
         low = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bfloat16" else nullcontext()
         with torch.no_grad(), low:
-            interests = self.model(batch)["interests"]
-        return interests.float().cpu().numpy()
+            interests = self._forward(batch, seq=False)["interests"]
+        return np.ascontiguousarray(interests[:B].float().cpu().numpy())
 
     # -- retrieval -------------------------------------------------------------------------------------------------
     def check_scenario(self, scenario: str | None) -> None:
@@ -447,9 +492,10 @@ class Recommender:
         q = np.asarray(u, np.float64)
         q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-300)
         which = (q @ np.asarray(self.item_vectors[ids], np.float64).T).argmax(axis=0)  # [n] interest per item
-        names = self.store.item_ids
-        return [Recommendation(str(names[i]), int(i), float(s), int(w), self.query_scenarios[int(w)])
-                for i, s, w in zip(ids.tolist(), scores.tolist(), which.tolist(), strict=True)]
+        names = self.store.item_ids[ids].tolist()
+        scen = self.query_scenarios
+        return [Recommendation(str(n), i, s, w, scen[w])
+                for n, i, s, w in zip(names, ids.tolist(), scores.tolist(), which.tolist(), strict=True)]
 
     def recommend(self, histories: Sequence[Sequence[Event] | UserInput], k: int = 10, scenario: str | None = None,
                   exclude_seen: bool = True, t_now: int | None = None) -> list[list[Recommendation]]:
