@@ -14,7 +14,7 @@ BENCH_OUT ?= bench_out
 BENCH_SEEDS ?= 3
 BENCH_SET ?= --set num_threads=1
 
-.PHONY: install demo test lint bench-import bench-train bench-retrieval results clean
+.PHONY: install demo test test-services lint bench-import bench-train bench-retrieval results clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/redrec demo --out $(DEMO_OUT)
 
-test: $(STAMP)
+# the Redis history-store tests start their own redis-server (Debian package): installed here when apt-get can
+# (root, Debian/Ubuntu); elsewhere those tests are skipped with the reason
+test-services:
+	@command -v redis-server >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -q redis-server >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q redis-server >/dev/null 2>&1; }; }; } || \
+	  echo "note: redis-server is not installed; the Redis history-store tests will be skipped"
+
+test: $(STAMP) test-services
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -284,6 +285,8 @@ def main() -> None:
             n_events += len(events)
         print(f"  posted {n_events:,} events of {len(users)} users in {time.perf_counter() - t:.1f} s", flush=True)
 
+        gc.collect()
+        gc.freeze()  # the load generator's own full GC passes (it holds the store) would show as latency spikes
         rows = []
         for conc in args.concurrency:
             m0 = scrape(client, url)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import time
@@ -465,6 +466,10 @@ def create_app(recommender: Recommender, history: HistoryStore, config: ServeCon
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await svc.batcher.start()
+        # the loaded model, store and index are millions of long-lived objects: keep them out of the cyclic
+        # collector, whose full passes over them took 20-140 ms each (seen as latency spikes under load)
+        gc.collect()
+        gc.freeze()
         svc.ready = True
         log.info("serving %s (%s, %d items)", svc.recommender.model_version, svc.recommender.retrieval,
                  svc.recommender.n_items)
@@ -592,6 +597,7 @@ def create_app(recommender: Recommender, history: HistoryStore, config: ServeCon
                 raise ApiError(500, "reload_failed", f"{type(e).__name__}: {e}; still serving {old.model_version}") from None
             svc.recommender = new  # atomic: the next batch uses the new model
             svc._publish_model()
+            gc.freeze()  # the new model's objects, as at start-up
             svc.metrics.reloads.inc(result="ok")
             log.info("reloaded: %s -> %s", old.model_version, new.model_version)
             return {"model_version": new.model_version, "previous_model_version": old.model_version,

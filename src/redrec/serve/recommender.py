@@ -268,8 +268,9 @@ class Recommender:
             warmup: answer a dummy query per pool before returning (compiles the engine's kernels, so the first
                 real request is not slow).
             precision: ``float32`` (default) or ``bfloat16``: the user tower runs under ``torch.autocast`` in
-                bfloat16 (about 1.7x faster on CPUs with AVX512-BF16 / AMX; interest vectors within cosine 0.9999
-                of float32 on the default model); weights, item vectors and the index are unchanged.
+                bfloat16 (faster on CPUs with AMX / AVX512-BF16: 8.4 -> 6.6 ms per forward of 8 users of the
+                default model here; interest vectors within cosine 0.9999 of float32 on that model); weights, item
+                vectors and the index are unchanged.
             search_threads: threads of each index search; 0 = automatic: all cores for the joint probe (its users
                 are split over the threads), 1 for a FAISS search (a micro-batch is a few queries: OpenMP fan-out
                 costs more than it saves).
@@ -279,8 +280,9 @@ class Recommender:
                 ``benchmarks/bench_joint_probe.py``).
             index_nprobe: lists scanned per user (``joint``) or per vector (``per_vector``); ``None`` = the
                 index's saved setting (``joint``: 4 x its ``nprobe``).
-            compile: run the user tower through ``torch.compile`` (inductor; needs a C++ compiler).  About 2x
-                faster forwards of small models on CPU, after a compilation of ~30-60 s at load (``warmup``).
+            compile: run the user tower through ``torch.compile`` (inductor, dynamic shapes; needs a C++
+                compiler).  Default model, 8 users here: 8.4 -> 6.1 ms per forward in float32, 4.3 ms with
+                ``bfloat16``; compiled once at load (``warmup``: ~10-60 s).
 
         Raises:
             DataError / ConfigError: missing or inconsistent files (model vs store, index size, embeddings of
