@@ -357,7 +357,7 @@ class Recommender:
 
     def warmup(self) -> None:
         """One empty-history query per candidate pool (model forward, engine / FAISS search); a compiled user
-        tower is compiled here, on two histories of two events each."""
+        tower is compiled here, on the histories of the store's first two users (padded as every batch is)."""
         pools = list(self.pools)
         self.answer([Query([], k=1, scenario=s) for s in pools])
         if self.compiled:
