@@ -561,3 +561,30 @@ def test_joint_probe_threads_padding_and_persistence(tmp_path, joint_data):
     extra = unit(d["users"][:1, 0] + 1e-3)
     back.add(extra)
     assert back.search(d["users"][:1, :1], 1)[0][0, 0] == len(d["items"])
+
+
+def test_joint_probe_worker_threads_end_with_their_lists(joint_data):
+    """The joint probe's worker thread stops when its list copy is dropped (after ``add``, or with the index)."""
+    import gc
+    import threading
+    import time
+
+    def workers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("redrec-ivf")}
+
+    before = workers()  # other tests' indexes may still hold (or now drop) theirs
+    d = joint_data
+    index = build_index(IndexConfig(kind="ivf_flat", nlist=48, nprobe=4, probe="joint", threads=2), D).fit(d["items"])
+    index.search(d["users"], 5)
+    first = workers() - before
+    assert len(first) == 1
+    index.add(d["items"][:3])
+    index.search(d["users"], 5)
+    second = workers() - before - first
+    assert len(second) == 1
+    del index
+    gc.collect()
+    t0 = time.time()
+    while any(t.is_alive() for t in first | second) and time.time() - t0 < 5:
+        time.sleep(0.02)
+    assert not any(t.is_alive() for t in first | second)

@@ -810,8 +810,11 @@ def load_index(path: str | Path, *, verify: bool = False) -> Index:
     return Index.load(path, verify=verify)
 
 
+IVF_KINDS = _IVF_KINDS  # the kinds with coarse lists (nprobe)
+
 __all__ = [
     "FORMAT_VERSION",
+    "IVF_KINDS",
     "KINDS",
     "Index",
     "IndexConfig",

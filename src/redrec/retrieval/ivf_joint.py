@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -168,6 +169,7 @@ class _Workers:
                 errors.append(e)
             finally:
                 done.release()
+            del task, fn  # the task's closure holds its JointIVF: let it be collected (and stop this thread)
 
     def run(self, tasks: list[Callable[[], None]]) -> None:
         if len(tasks) > self.n + 1:
@@ -273,6 +275,8 @@ class JointIVF:
                 if self._workers is not None:
                     self._workers.close()
                 self._workers = _Workers(len(tasks) - 1, "redrec-ivf")
+                # stop the threads when this layout is dropped (Index.add, a hot reload), not at exit only
+                weakref.finalize(self, self._workers.close)
             self._workers.run(tasks)
         finally:
             self._workers_lock.release()

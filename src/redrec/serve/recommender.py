@@ -317,7 +317,7 @@ class Recommender:
             vecs = all_item_vectors(model, st, device=device)
         idx = None
         if index:
-            from redrec.retrieval.index import load_index
+            from redrec.retrieval.index import IVF_KINDS, load_index
 
             idx = load_index(index)
             probe = index_probe
@@ -325,7 +325,7 @@ class Recommender:
                 raise ConfigError("serving", "index_probe", f"must be per_vector or joint, got {index_probe!r}")
             if index_nprobe is not None and (isinstance(index_nprobe, bool) or int(index_nprobe) < 1):
                 raise ConfigError("serving", "index_nprobe", f"must be a positive integer, got {index_nprobe!r}")
-            if idx.kind not in ("ivf_flat", "ivf_fp16", "ivf_sq8", "ivf_pq"):
+            if idx.kind not in IVF_KINDS:
                 if index_probe == "joint" or index_nprobe is not None:
                     raise ConfigError("serving", "index_probe" if index_probe == "joint" else "index_nprobe",
                                       f"only IVF indexes have lists to probe (this one is {idx.kind})")
