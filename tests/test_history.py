@@ -183,9 +183,10 @@ def test_ids_with_odd_characters(make_store):
 
 def _n_stored(st, user, scenario):
     if isinstance(st, SQLiteHistoryStore):
-        return st._conn().execute(
-            "SELECT COUNT(*) FROM events e JOIN users u ON u.id = e.user JOIN scenarios s ON s.id = e.scenario "
-            "WHERE u.name = ? AND s.name = ?", (user, scenario)).fetchone()[0]
+        row = st._conn().execute(
+            "SELECT w.ts FROM windows w JOIN users u ON u.id = w.user JOIN scenarios s ON s.id = w.scenario "
+            "WHERE u.name = ? AND s.name = ?", (user, scenario)).fetchone()
+        return 0 if row is None else len(row[0]) // 8  # int64 timestamps
     return st._r.zcard(st._ev_key(user, scenario))
 
 
@@ -257,7 +258,7 @@ def test_sqlite_failure_mid_transaction_rolls_back(tmp_path, monkeypatch):
 
     st = SQLiteHistoryStore(tmp_path / "h.db")
     st.append("u1", [ev("a", 1)])
-    monkeypatch.setattr(h, "_TRIM", "DELETE FROM no_such_table")  # fails after the inserts
+    monkeypatch.setattr(h, "_SET_NEXT_SEQ", "DELETE FROM no_such_table")  # fails after the windows are written
     with pytest.raises(Exception, match="no_such_table"):
         st.append_many([("u1", ev("b", 2)), ("u2", ev("c", 3))])
     monkeypatch.undo()
@@ -298,6 +299,64 @@ def test_threads(make_store):
     assert sorted(e.item for e in shared) == sorted(f"{k}-{i}" for k in range(n_threads) for i in range(n_appends))
     assert [e.timestamp for e in shared] == sorted(e.timestamp for e in shared)
     assert st.n_users() == n_threads + 1
+
+
+def test_sqlite_version1_file_is_converted(tmp_path):
+    """A file of the one-row-per-event format (version 1) is converted when opened: same events, same order
+    (ties by arrival), later appends arrive after them, and the kept window is still trimmed."""
+    import sqlite3
+
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('format', 'redrec-history'), ('version', '1');"
+        "CREATE TABLE users(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);"
+        "CREATE TABLE scenarios(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);"
+        "CREATE TABLE events(seq INTEGER PRIMARY KEY, user INTEGER NOT NULL, scenario INTEGER NOT NULL, "
+        "ts INTEGER NOT NULL, item TEXT NOT NULL, actions TEXT NOT NULL, duration REAL NOT NULL);"
+        "CREATE INDEX events_by_user ON events(user, scenario, ts, seq);"
+        "INSERT INTO users VALUES (1, 'u'), (2, 'v');"
+        "INSERT INTO scenarios VALUES (1, 'homefeed'), (2, 'ads');"
+        # arrival (seq) order differs from timestamp order; 'b' and 'x' tie at ts 5 across scenarios
+        "INSERT INTO events VALUES (1, 1, 1, 5, 'b', '[\"click\"]', 0.1), (2, 1, 2, 5, 'x', '', 2.5),"
+        "(3, 1, 1, 2, 'a', '', 0.0), (7, 2, 1, 9, 'z', '[\"like\",\"click\"]', 1.0);"
+    )
+    conn.commit()
+    conn.close()
+    st = SQLiteHistoryStore(path, max_per_scenario=3)
+    assert st.get("u") == [ev("a", 2), ev("b", 5, actions=["click"], duration=0.1), ev("x", 5, "ads", duration=2.5)]
+    assert st.get("v") == [ev("z", 9, actions=["like", "click"], duration=1.0)]
+    st.append("u", [ev("c", 5), ev("d", 6)])  # ts 5 again: after b and x (later arrival)
+    assert [e.item for e in st.get("u")] == ["b", "x", "c", "d"]  # homefeed keeps its last 3: a is dropped
+    st.close()
+    conn = sqlite3.connect(path)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "events" not in tables and "windows" in tables
+    assert dict(conn.execute("SELECT key, value FROM meta"))["version"] == "2"
+    conn.close()
+
+
+def test_columns_match_rows(make_store, tiny_store):
+    """The column read and conversion of the serving hot path give what the row path gives."""
+    from redrec.serve.history import columns_to_user_events, rows_to_user_events
+
+    st = make_store(max_per_scenario=4)
+    items = [str(x) for x in tiny_store.item_ids[:6].tolist()] + ["unknown-item"]
+    rng = np.random.default_rng(3)
+    for k in range(5):
+        st.append(f"u{k}", [ev(items[int(rng.integers(len(items)))], int(rng.integers(0, 20)),
+                               ["homefeed", "ads"][int(rng.integers(2))], ["click"] if j % 3 else [], float(j))
+                            for j in range(12)])
+    users = [f"u{k}" for k in range(5)] + ["ghost"]
+    cols, rows = st.get_many_columns(users), st.get_many_rows(users)
+    assert [c.rows() for c in cols] == rows and len(cols[-1]) == 0
+    for c, r in zip(cols, rows, strict=True):
+        a, ra = columns_to_user_events(c, tiny_store)
+        b, rb = rows_to_user_events(r, tiny_store)
+        assert ra == rb
+        for f in ("item", "scenario", "timestamp", "actions", "duration"):
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
 
 
 def test_sqlite_connections_of_finished_threads_are_closed(tmp_path):

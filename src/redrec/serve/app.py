@@ -67,7 +67,7 @@ from redrec.serve.history import (
     MAX_NAME_LEN,
     MAX_TIMESTAMP,
     Event,
-    EventRow,
+    EventColumns,
     HistoryError,
     HistoryStore,
     item_lookup,
@@ -315,12 +315,12 @@ class Service:
     def _run_batch(self, jobs: list[Job]) -> list[Answer | Exception]:
         rec = self.recommender  # one model for the whole batch, even if a reload swaps it meanwhile
         users = [j.user for j in jobs if j.user is not None]
-        stored: dict[int, list[EventRow]] = {}
+        stored: dict[int, EventColumns] = {}
         failed: Exception | None = None
         if users:
             t0 = time.perf_counter()
             try:
-                got = self.history.get_many_rows(users)
+                got = self.history.get_many_columns(users)
             except Exception as e:  # the store is down: those requests fail (503), inline ones go on
                 log.exception("history store read failed")
                 failed = HistoryUnavailable(f"the history store could not be read ({type(e).__name__}: {e})")
@@ -642,6 +642,7 @@ def serve(
     rec = Recommender.load(checkpoint, store, index=index, item_embeddings=item_embeddings, device=device,
                            precision=precision, search_threads=search_threads, index_probe=index_probe,
                            index_nprobe=index_nprobe, compile=compile)
+    threadpool_limits(1, user_api="blas")  # again: the BLAS libraries loaded meanwhile (numba's np.dot: scipy's)
     per = history_per_scenario or history_cap(rec.mixing)
     try:
         hist = open_history_store(history, per, max_events_per_append=cfg.max_events)

@@ -25,10 +25,12 @@ job.  Ordering everywhere is by timestamp, then by arrival (ties keep the order 
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import json
 import math
+import operator
 import sqlite3
 import threading
 import weakref
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import orjson
 
 from redrec.data.store import EventStore, UserEvents
 from redrec.errors import DataError
@@ -53,7 +56,9 @@ __all__ = [
     "open_history_store",
     "to_user_events",
     "rows_to_user_events",
+    "columns_to_user_events",
     "EventRow",
+    "EventColumns",
     "events_from_store",
     "item_lookup",
     "check_event",
@@ -69,7 +74,7 @@ MAX_NAME_LEN = 1024
 DEFAULT_MAX_EVENTS_PER_APPEND = 10_000
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 SQLITE_FORMAT = "redrec-history"
-SQLITE_VERSION = 1
+SQLITE_VERSION = 2
 
 
 class HistoryError(ValueError):
@@ -117,6 +122,49 @@ class Event:
 _Row = tuple[str, str, int, str, tuple[str, ...], float]
 # one event as read back: (item, scenario, timestamp, actions, duration) -- the fields of Event, in order
 EventRow = tuple[str, str, int, tuple[str, ...], float]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class EventColumns:
+    """One user's kept events column by column, oldest first (by timestamp, then arrival): what the serving hot
+    path reads (:meth:`HistoryStore.get_many_columns`) and converts (:func:`columns_to_user_events`) without one
+    Python object per event.  Row ``j`` of every column is event ``j``.
+
+    Attributes:
+        item: external item ids.
+        scenario: scenario names.
+        timestamp: int64 ``[n]``.
+        actions: engagement flag names per event.
+        duration: float64 ``[n]``.
+    """
+
+    item: list[str]
+    scenario: list[str]
+    timestamp: np.ndarray
+    actions: list[tuple[str, ...]]
+    duration: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.item)
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[EventRow]) -> EventColumns:
+        """Rows ``(item, scenario, timestamp, actions, duration)`` -> columns (same order)."""
+        n = len(rows)
+        if not n:
+            return cls([], [], np.zeros(0, np.int64), [], np.zeros(0, np.float64))
+        item, scenario, ts, actions, dur = zip(*rows, strict=True)
+        return cls(list(item), list(scenario), np.fromiter(ts, np.int64, n), list(actions),
+                   np.fromiter(dur, np.float64, n))
+
+    def rows(self) -> list[EventRow]:
+        """The events as rows ``(item, scenario, timestamp, actions, duration)``."""
+        return list(zip(self.item, self.scenario, self.timestamp.tolist(), self.actions, self.duration.tolist(),
+                        strict=True))
+
+    def events(self) -> list[Event]:
+        """The events as :class:`Event` s."""
+        return [Event(*r) for r in self.rows()]
 
 
 def _check_name(value: Any, field: str, index: int | None) -> str:
@@ -228,19 +276,23 @@ class HistoryStore(ABC):
 
     def get_many(self, users: Sequence[str]) -> list[list[Event]]:
         """:meth:`get` of each of ``users`` (one snapshot where the backend allows)."""
-        return [[Event(*r) for r in rows] for rows in self.get_many_rows(users)]
+        return [c.events() for c in self.get_many_columns(users)]
 
     def get_many_rows(self, users: Sequence[str]) -> list[list[EventRow]]:
         """:meth:`get_many` as plain tuples ``(item, scenario, timestamp, actions, duration)`` (the fields of
-        :class:`Event`, in order; checked when they were appended): no object per event, for the serving hot
-        path (:func:`rows_to_user_events`)."""
+        :class:`Event`, in order; checked when they were appended)."""
+        return [c.rows() for c in self.get_many_columns(users)]
+
+    def get_many_columns(self, users: Sequence[str]) -> list[EventColumns]:
+        """:meth:`get_many` column by column (:class:`EventColumns`): no Python object per event, for the
+        serving hot path (:func:`columns_to_user_events`)."""
         self._check_open()
         users = [users] if isinstance(users, str) else list(users)
         for u in users:
             check_user(u)
         if not users:
             return []
-        return [self._keep_last(rows) for rows in self._read(users)]
+        return self._read_columns(users)
 
     @abstractmethod
     def n_users(self) -> int:
@@ -269,10 +321,15 @@ class HistoryStore(ABC):
     def _write(self, rows: list[_Row]) -> None:
         """Store validated rows atomically and durably, then trim each touched (user, scenario)."""
 
-    @abstractmethod
     def _read(self, users: list[str]) -> list[list[EventRow]]:
         """Kept events of each user as rows, oldest first (may hold more than ``max_per_scenario`` per scenario
-        when the data was written with a larger limit: :meth:`get_many_rows` trims)."""
+        when the data was written with a larger limit: :meth:`_read_columns` trims).  A backend implements this
+        or :meth:`_read_columns`."""
+        raise NotImplementedError
+
+    def _read_columns(self, users: list[str]) -> list[EventColumns]:
+        """Kept events of each user (at most ``max_per_scenario`` per scenario), column by column."""
+        return [EventColumns.from_rows(self._keep_last(rows)) for rows in self._read(users)]
 
     def _keep_last(self, rows: list[EventRow]) -> list[EventRow]:
         """Drop all but the last ``max_per_scenario`` rows of each scenario (``rows`` oldest first); for
@@ -303,31 +360,73 @@ def _decode_actions(text: str) -> tuple[str, ...]:  # few distinct action sets: 
 # ---------------------------------------------------------------------------------------------------------------
 # SQLite
 # ---------------------------------------------------------------------------------------------------------------
+# format 2: one row per (user, scenario) holding its kept window, oldest first; format 1 (a row per event) is
+# converted when opened.  ``items``: JSON array of item ids; ``actions`` / ``ts`` / ``seq`` (arrival numbers) /
+# ``duration``: little-endian int32 (ids in ``action_sets``) / int64 / int64 / float64 arrays.
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS users(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)",
     "CREATE TABLE IF NOT EXISTS scenarios(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)",
-    # seq (the rowid) is the arrival order: SQLite gives each new row max(rowid) + 1
-    "CREATE TABLE IF NOT EXISTS events(seq INTEGER PRIMARY KEY, user INTEGER NOT NULL, scenario INTEGER NOT NULL, "
-    "ts INTEGER NOT NULL, item TEXT NOT NULL, actions TEXT NOT NULL, duration REAL NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS events_by_user ON events(user, scenario, ts, seq)",
+    "CREATE TABLE IF NOT EXISTS action_sets(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)",
+    "CREATE TABLE IF NOT EXISTS windows(user INTEGER NOT NULL, scenario INTEGER NOT NULL, items TEXT NOT NULL, "
+    "actions BLOB NOT NULL, ts BLOB NOT NULL, seq BLOB NOT NULL, duration BLOB NOT NULL, "
+    "PRIMARY KEY (user, scenario)) WITHOUT ROWID",
 )
-_TRIM = (
-    "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE user = ?1 AND scenario = ?2 "
-    "ORDER BY ts DESC, seq DESC LIMIT -1 OFFSET ?3)"
-)
-_READ = (
-    "SELECT s.name, e.ts, e.item, e.actions, e.duration FROM events e JOIN scenarios s ON s.id = e.scenario "
-    "WHERE e.user = (SELECT id FROM users WHERE name = ?) ORDER BY e.ts, e.seq"
-)
+_WINDOW = "SELECT items, actions, ts, seq, duration FROM windows WHERE user = ? AND scenario = ?"
+_PUT_WINDOW = "INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?, ?, ?)"
+_SET_NEXT_SEQ = "UPDATE meta SET value = ? WHERE key = 'next_seq'"
+_READ_CHUNK = 500  # users per read statement (SQLite allows 32,766 parameters)
+
+
+class _Window:
+    """The kept events of one (user, scenario), oldest first (timestamp, then arrival ``seq``); ``actions`` are
+    ids of the ``action_sets`` table."""
+
+    __slots__ = ("items", "actions", "ts", "seq", "duration")
+
+    def __init__(self, items: list[str], actions: np.ndarray, ts: np.ndarray, seq: np.ndarray, duration: np.ndarray):
+        self.items, self.actions, self.ts, self.seq, self.duration = items, actions, ts, seq, duration
+
+    @classmethod
+    def decode(cls, items: str, actions: bytes, ts: bytes, seq: bytes, duration: bytes) -> _Window:
+        return cls(orjson.loads(items), np.frombuffer(actions, "<i4"), np.frombuffer(ts, "<i8"),
+                   np.frombuffer(seq, "<i8"), np.frombuffer(duration, "<f8"))
+
+    def encode(self) -> tuple[str, bytes, bytes, bytes, bytes]:
+        return (orjson.dumps(self.items).decode(), self.actions.astype("<i4").tobytes(),
+                self.ts.astype("<i8").tobytes(), self.seq.astype("<i8").tobytes(),
+                self.duration.astype("<f8").tobytes())
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def last(self, n: int) -> _Window:
+        """The newest ``n`` events."""
+        if len(self) <= n:
+            return self
+        return _Window(self.items[-n:], self.actions[-n:], self.ts[-n:], self.seq[-n:], self.duration[-n:])
+
+    def __add__(self, other: _Window) -> _Window:
+        return _Window(self.items + other.items, np.concatenate([self.actions, other.actions]),
+                       np.concatenate([self.ts, other.ts]), np.concatenate([self.seq, other.seq]),
+                       np.concatenate([self.duration, other.duration]))
+
+    def sorted(self) -> _Window:
+        """The events in (timestamp, arrival) order."""
+        order = np.lexsort((self.seq, self.ts))
+        return _Window([self.items[i] for i in order.tolist()], self.actions[order], self.ts[order], self.seq[order],
+                       self.duration[order])
 
 
 class SQLiteHistoryStore(HistoryStore):
     """History in one SQLite file (or in memory).
 
-    Table ``events(seq, user, scenario, ts, item, actions, duration)`` with an index on
-    ``(user, scenario, ts, seq)``; each append inserts its rows and deletes, per touched (user, scenario),
-    the rows beyond the last ``max_per_scenario`` (an index range, no scan), all in one ``BEGIN IMMEDIATE``
-    transaction.  The WAL journal lets readers run while a writer commits.
+    Table ``windows(user, scenario, items, actions, ts, seq, duration)``: one row per (user, scenario) holding
+    its last ``max_per_scenario`` events, oldest first, as packed arrays (JSON arrays of item ids and of action
+    sets, little-endian int64 timestamps and arrival numbers, float64 durations).  A read is one statement for
+    a batch of users that returns a few rows per user, not one per event; an append rewrites the windows it
+    touches (merge by timestamp, then arrival; keep the last ``max_per_scenario``) in one ``BEGIN IMMEDIATE``
+    transaction.  The WAL journal lets readers run while a writer commits.  A file of the earlier one-row-per-
+    event format (version 1) is converted in place, in one transaction, when opened.
 
     Thread safety: every thread gets its own connection (connections of finished threads are closed); the
     writers of this process take turns on a lock, writers of other processes wait up to ``timeout`` seconds
@@ -367,6 +466,8 @@ class SQLiteHistoryStore(HistoryStore):
         self._conns: dict[int, tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = {}
         self._conns_lock = threading.Lock()
         self._shared: sqlite3.Connection | None = None
+        self._scenario_names: dict[int, str] = {}
+        self._action_lut = np.empty(0, dtype=object)
         if not self.memory:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -426,18 +527,41 @@ class SQLiteHistoryStore(HistoryStore):
                     [("format", SQLITE_FORMAT), ("version", str(SQLITE_VERSION))],
                 )
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-                if meta.get("format") != SQLITE_FORMAT or meta.get("version") != str(SQLITE_VERSION):
+                version = meta.get("version")
+                if meta.get("format") != SQLITE_FORMAT or version not in ("1", str(SQLITE_VERSION)):
                     raise HistoryError(
                         "path", f"{str(self.path)!r} holds format {meta.get('format')!r} version "
-                        f"{meta.get('version')!r}, expected {SQLITE_FORMAT!r} version {SQLITE_VERSION}",
+                        f"{version!r}, expected {SQLITE_FORMAT!r} version {SQLITE_VERSION}",
                     )
                 for stmt in _SCHEMA:
                     conn.execute(stmt)
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', '1')")
+                if version == "1":
+                    self._upgrade_v1(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+
+    def _upgrade_v1(self, conn: sqlite3.Connection) -> None:
+        """Convert a version-1 file (table ``events``, one row per event; its rowid is the arrival number) to
+        windows, inside the caller's transaction."""
+        has_events = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone()
+        last_seq = 0
+        if has_events:
+            cur = conn.execute("SELECT user, scenario, ts, seq, item, actions, duration FROM events "
+                               "ORDER BY user, scenario, ts, seq")
+            for (user, scenario), group in itertools.groupby(cur, key=lambda r: (r[0], r[1])):
+                rows = list(group)
+                acts = np.array([self._name_id(conn, "action_sets", r[5]) for r in rows], np.int32)
+                w = _Window([r[4] for r in rows], acts, np.array([r[2] for r in rows], np.int64),
+                            np.array([r[3] for r in rows], np.int64), np.array([r[6] for r in rows], np.float64))
+                last_seq = max(last_seq, int(w.seq.max()))
+                conn.execute(_PUT_WINDOW, (user, scenario, *w.encode()))
+            conn.execute("DROP TABLE events")
+        conn.execute(_SET_NEXT_SEQ, (str(last_seq + 1),))
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'version'", (str(SQLITE_VERSION),))
 
     # -- writes and reads ------------------------------------------------------------------------------------
     def _write(self, rows: list[_Row]) -> None:
@@ -445,14 +569,22 @@ class SQLiteHistoryStore(HistoryStore):
             conn = self._conn()
             conn.execute("BEGIN IMMEDIATE")
             try:
+                seq0 = int(conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
+                groups: dict[tuple[str, str], list[int]] = {}
+                for i, r in enumerate(rows):
+                    groups.setdefault((r[0], r[1]), []).append(i)
                 user_ids = {u: self._name_id(conn, "users", u) for u in dict.fromkeys(r[0] for r in rows)}
                 scen_ids = {s: self._name_id(conn, "scenarios", s) for s in dict.fromkeys(r[1] for r in rows)}
-                conn.executemany(
-                    "INSERT INTO events(user, scenario, ts, item, actions, duration) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(user_ids[u], scen_ids[s], ts, item, _encode_actions(a), d) for u, s, ts, item, a, d in rows],
-                )
-                for u, s in dict.fromkeys((r[0], r[1]) for r in rows):
-                    conn.execute(_TRIM, (user_ids[u], scen_ids[s], self.max_per_scenario))
+                set_ids = {a: self._name_id(conn, "action_sets", _encode_actions(a)) for a in dict.fromkeys(r[4] for r in rows)}
+                for (u, s), idx in groups.items():
+                    key = (user_ids[u], scen_ids[s])
+                    new = _Window([rows[i][3] for i in idx], np.array([set_ids[rows[i][4]] for i in idx], np.int32),
+                                  np.array([rows[i][2] for i in idx], np.int64), seq0 + np.array(idx, np.int64),
+                                  np.array([rows[i][5] for i in idx], np.float64))
+                    old = conn.execute(_WINDOW, key).fetchone()
+                    w = (new if old is None else _Window.decode(*old) + new).sorted().last(self.max_per_scenario)
+                    conn.execute(_PUT_WINDOW, (*key, *w.encode()))
+                conn.execute(_SET_NEXT_SEQ, (str(seq0 + len(rows)),))
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -466,22 +598,47 @@ class SQLiteHistoryStore(HistoryStore):
             return int(row[0])
         return int(conn.execute(f"INSERT INTO {table}(name) VALUES (?)", (name,)).lastrowid)
 
-    def _read(self, users: list[str]) -> list[list[EventRow]]:
-        decode = _decode_actions
+    def _scenario_name(self, conn: sqlite3.Connection, sid: int) -> str:
+        names = self._scenario_names
+        if sid not in names:  # a scenario written since (by any process): read the table again
+            self._scenario_names = names = dict(conn.execute("SELECT id, name FROM scenarios").fetchall())
+        return names[sid]
+
+    def _action_sets(self, conn: sqlite3.Connection, ids: np.ndarray) -> np.ndarray:
+        """Object array: action-set id -> tuple of names, covering ``ids`` (read again when a set is new)."""
+        lut = self._action_lut
+        if len(ids) and int(ids.max()) >= len(lut):  # a set written since (by any process)
+            rows = conn.execute("SELECT id, name FROM action_sets").fetchall()
+            lut = np.empty(max(i for i, _ in rows) + 1 if rows else 0, dtype=object)
+            for i, name in rows:
+                lut[i] = _decode_actions(name)
+            self._action_lut = lut
+        return lut
+
+    def _read_columns(self, users: list[str]) -> list[EventColumns]:
+        found: dict[str, list[tuple[str, _Window]]] = {u: [] for u in users}
+        names = list(found)
+        n = self.max_per_scenario
         with self._read_lock():
             conn = self._conn()
-            snapshot = len(users) > 1 and not conn.in_transaction
+            snapshot = len(names) > _READ_CHUNK and not conn.in_transaction
             if snapshot:
                 conn.execute("BEGIN")  # one read snapshot for all users
             try:
-                out = []
-                for u in users:
-                    out.append([(item, scen, ts, decode(actions), dur)
-                                for scen, ts, item, actions, dur in conn.execute(_READ, (u,))])
+                for a in range(0, len(names), _READ_CHUNK):
+                    chunk = names[a : a + _READ_CHUNK]
+                    cur = conn.execute(
+                        "SELECT u.name, w.scenario, w.items, w.actions, w.ts, w.seq, w.duration FROM users u "
+                        f"JOIN windows w ON w.user = u.id WHERE u.name IN ({','.join('?' * len(chunk))})", chunk)
+                    for name, sid, *packed in cur:
+                        found[name].append((self._scenario_name(conn, sid), _Window.decode(*packed).last(n)))
+                windows = [w for ws in found.values() for _, w in ws]
+                lut = self._action_sets(conn, np.concatenate([w.actions for w in windows]) if windows else
+                                        np.zeros(0, np.int32))
             finally:
                 if snapshot and conn.in_transaction:
                     conn.execute("COMMIT")
-        return out
+        return [_columns(found[u], lut) for u in users]
 
     def n_users(self) -> int:
         with self._read_lock():
@@ -500,6 +657,24 @@ class SQLiteHistoryStore(HistoryStore):
 
     def __repr__(self) -> str:
         return f"SQLiteHistoryStore({str(self.path)!r}, max_per_scenario={self.max_per_scenario})"
+
+
+def _columns(windows: list[tuple[str, _Window]], action_sets: np.ndarray) -> EventColumns:
+    """Per-scenario windows of one user -> :class:`EventColumns` in (timestamp, arrival) order (numpy gathers,
+    no Python work per event); ``action_sets``: object array, action-set id -> names."""
+    if not windows:
+        return EventColumns.from_rows([])
+    if len(windows) == 1:
+        scen, w = windows[0]
+        return EventColumns(w.items, [scen] * len(w), w.ts.astype(np.int64), action_sets[w.actions].tolist(),
+                            w.duration.astype(np.float64))
+    ts = np.concatenate([w.ts for _, w in windows])
+    order = np.lexsort((np.concatenate([w.seq for _, w in windows]), ts))
+    items = np.array(list(itertools.chain.from_iterable(w.items for _, w in windows)), dtype=object)
+    scens = np.repeat(np.array([s for s, _ in windows], dtype=object), [len(w) for _, w in windows])
+    actions = action_sets[np.concatenate([w.actions for _, w in windows])]
+    return EventColumns(items[order].tolist(), scens[order].tolist(), ts[order], actions[order].tolist(),
+                        np.concatenate([w.duration for _, w in windows])[order].astype(np.float64))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -686,6 +861,18 @@ def item_lookup(store: EventStore) -> Callable[[Sequence[str]], np.ndarray]:
     return lookup
 
 
+_ACTION_MASKS: weakref.WeakKeyDictionary[EventStore, dict[tuple[str, ...], int]] = weakref.WeakKeyDictionary()
+
+
+def _action_masks(store: EventStore) -> dict[tuple[str, ...], int]:
+    """Action-name set -> bit mask of ``store``'s actions, for the sets seen so far that hold known names only."""
+    with _ITEM_LOOKUPS_LOCK:
+        masks = _ACTION_MASKS.get(store)
+        if masks is None:
+            masks = _ACTION_MASKS[store] = {}
+    return masks
+
+
 def _check_policy(name: str, value: str) -> None:
     if value not in ("drop", "error"):
         raise HistoryError(name, f"must be 'drop' or 'error', got {value!r}")
@@ -753,10 +940,28 @@ def rows_to_user_events(
 ) -> tuple[UserEvents, dict[str, Any]]:
     """:func:`to_user_events` of checked rows ``(item, scenario, timestamp, actions, duration)`` (e.g.
     :meth:`HistoryStore.get_many_rows`; not validated again); same arguments, result and errors."""
+    return columns_to_user_events(
+        EventColumns.from_rows(checked), store, user_id=user_id, unknown_items=unknown_items,
+        unknown_scenarios=unknown_scenarios, unknown_actions=unknown_actions, item_index=item_index,
+    )
+
+
+def columns_to_user_events(
+    columns: EventColumns,
+    store: EventStore,
+    *,
+    user_id: str = "",
+    unknown_items: Literal["drop", "error"] = "drop",
+    unknown_scenarios: Literal["drop", "error"] = "error",
+    unknown_actions: Literal["drop", "error"] = "error",
+    item_index: Callable[[Sequence[str]], np.ndarray] | None = None,
+) -> tuple[UserEvents, dict[str, Any]]:
+    """:func:`to_user_events` of checked events column by column (:meth:`HistoryStore.get_many_columns`; not
+    validated again); same arguments, result and errors.  Work per event is a few dict lookups in C (``map``)."""
     _check_policy("unknown_items", unknown_items)
     _check_policy("unknown_scenarios", unknown_scenarios)
     _check_policy("unknown_actions", unknown_actions)
-    n = len(checked)
+    n = len(columns)
     report: dict[str, Any] = {
         "n_events": n, "n_kept": 0,
         "n_unknown_items": 0, "unknown_items": [],
@@ -765,10 +970,10 @@ def rows_to_user_events(
     }
 
     lookup = item_index or item_lookup(store)
-    item = np.asarray(lookup([c[0] for c in checked]), dtype=np.int64).reshape(n)
+    item = np.asarray(lookup(columns.item), dtype=np.int64).reshape(n)
     keep = item >= 0
     if not keep.all():
-        bad = [checked[i][0] for i in np.flatnonzero(~keep)]
+        bad = [columns.item[i] for i in np.flatnonzero(~keep)]
         if unknown_items == "error":
             raise DataError(
                 store.path, "item", f"{len(bad)} of {n} events have item ids unknown to the store, e.g. {bad[:5]}",
@@ -779,9 +984,9 @@ def rows_to_user_events(
 
     scen_names = store.scenarios
     scen_of = {s: i for i, s in enumerate(scen_names)}
-    scenario = np.array([scen_of.get(c[1], -1) for c in checked], dtype=np.int64).reshape(n)
+    scenario = np.fromiter(map(scen_of.get, columns.scenario, itertools.repeat(-1)), dtype=np.int64, count=n)
     if (scenario < 0).any():
-        bad_s = list(dict.fromkeys(checked[i][1] for i in np.flatnonzero(scenario < 0)))
+        bad_s = list(dict.fromkeys(columns.scenario[i] for i in np.flatnonzero(scenario < 0)))
         if unknown_scenarios == "error":
             raise DataError(
                 store.path, "scenario", f"unknown scenario {bad_s[0]!r}; this store has {scen_names}",
@@ -791,39 +996,35 @@ def rows_to_user_events(
         report["unknown_scenarios"] = bad_s
         keep &= scenario >= 0
 
-    bit_of = {a: 1 << i for i, a in enumerate(store.actions_names)}
-    actions = np.zeros(n, np.uint32)
-    bad_actions: dict[str, None] = {}
-    n_bad_actions = 0
-    mask_of: dict[tuple[str, ...], int] = {}  # few distinct action sets: one bit mask each
-    for i, c in enumerate(checked):
-        mask = mask_of.get(c[3])
-        if mask is not None:
-            actions[i] = mask
-            continue
-        mask = 0
-        bad_here = False
-        for a in c[3]:
-            bit = bit_of.get(a)
-            if bit is None:
+    # few distinct action sets: one bit mask each, kept per store (sets in order of first use, so an error
+    # names the first event with an unknown action)
+    known = _action_masks(store)
+    try:
+        actions = np.fromiter(map(known.__getitem__, columns.actions), dtype=np.uint32, count=n)
+    except KeyError:  # a set not seen before, or one with unknown names
+        bit_of = {a: 1 << i for i, a in enumerate(store.actions_names)}
+        mask_of: dict[tuple[str, ...], int] = {}
+        bad_in: dict[tuple[str, ...], list[str]] = {}
+        for acts in dict.fromkeys(columns.actions):
+            unknown = [a for a in acts if a not in bit_of]
+            if unknown:
                 if unknown_actions == "error":
                     raise DataError(
-                        store.path, "actions", f"unknown action {a!r} (event {i}); this store has "
-                        f"{store.actions_names}", hint="pass unknown_actions='drop' to ignore such names",
-                    )
-                bad_actions[a] = None
-                n_bad_actions += 1
-                bad_here = True
-                continue
-            mask |= bit
-        if not bad_here:  # sets with unknown names are counted per event, so not cached
-            mask_of[c[3]] = mask
-        actions[i] = mask
-    report["n_unknown_actions"] = n_bad_actions
-    report["unknown_actions"] = list(bad_actions)
+                        store.path, "actions", f"unknown action {unknown[0]!r} (event {columns.actions.index(acts)}); "
+                        f"this store has {store.actions_names}", hint="pass unknown_actions='drop' to ignore such names",
+                    ) from None
+                bad_in[acts] = unknown
+            mask_of[acts] = functools.reduce(operator.or_, (bit_of.get(a, 0) for a in acts), 0)
+        if len(known) < 4096:  # sets of known names only: their count is bounded by the store's actions
+            known.update((a, m) for a, m in mask_of.items() if a not in bad_in)
+        actions = np.fromiter(map(mask_of.__getitem__, columns.actions), dtype=np.uint32, count=n)
+        if bad_in:
+            uses = collections.Counter(a for a in columns.actions if a in bad_in)
+            report["n_unknown_actions"] = sum(len(bad_in[a]) * c for a, c in uses.items())
+            report["unknown_actions"] = list(dict.fromkeys(x for names in bad_in.values() for x in names))
 
-    timestamp = np.array([c[2] for c in checked], dtype=np.int64).reshape(n)
-    duration = np.array([c[4] for c in checked], dtype=np.float32).reshape(n)
+    timestamp = np.asarray(columns.timestamp, dtype=np.int64).reshape(n)
+    duration = np.asarray(columns.duration, dtype=np.float32).reshape(n)
     idx = np.flatnonzero(keep)
     idx = idx[np.argsort(timestamp[idx], kind="stable")]
     report["n_kept"] = int(len(idx))
