@@ -7,7 +7,7 @@ each item compared with one vector at a time.
 
 Joint probing ranks the coarse lists once per *user*, by ``max_k cos(u_k, centroid_l)``, takes the best
 ``user_nprobe`` of them, and scans each chosen list once, scoring every item in it by the max over all ``K``
-vectors (``K`` dot products while the item's row is in registers) into a single top-``k`` heap that skips the
+vectors (one ``[n, d] x [d, K]`` BLAS product per list, then the max over K) into a single top-``k`` heap that skips the
 user's excluded items.  Per scanned item the arithmetic is the same as FAISS's (``K d`` multiply-adds), but there
 are ``user_nprobe`` scans instead of ``K * nprobe``, and every candidate gets its exact max-over-K score instead of
 the score of only the vectors that happened to probe its list.  For ``K = 1`` it is the ordinary IVF search with
@@ -36,19 +36,28 @@ from numba import njit
 _FASTMATH = {"nnan", "nsz", "reassoc", "contract"}  # the dot products may be reordered (inputs are finite)
 
 
+# OpenBLAS runs an sgemm on several threads once m * n * k exceeds 65536 * GEMM_MULTITHREAD_THRESHOLD (4 in its
+# builds); those threads busy-wait after each call and take the cores from the scan's own threads, so every
+# product here stays below that size.
+_BLAS_SINGLE_THREAD_MNK = 65536 * 4
+
+
 @njit(nogil=True, fastmath=_FASTMATH, cache=True)
-def _score_rows(q, codes, a, b, out):  # pragma: no cover - compiled
-    """``out[j - a] = max_k q[k] . codes[j]`` for rows ``a <= j < b`` (``q`` ``[K, d]``)."""
-    K, d = q.shape
-    for j in range(a, b):
-        best = np.float32(-np.inf)
-        for kk in range(K):
-            s = np.float32(0.0)
-            for t in range(d):
-                s += q[kk, t] * codes[j, t]
-            if s > best:
-                best = s
-        out[j - a] = best
+def _score_rows(qT, codes, a, b, dots, out, step):  # pragma: no cover - compiled
+    """``out[j - a] = max_k qT[:, k] . codes[j]`` for rows ``a <= j < b``: BLAS ``sgemm`` s of ``step`` rows with
+    the ``[d, K]`` queries into ``dots`` (``[>= step, K]``), then the max over K (the scan is memory-bound: BLAS
+    keeps up with the rows' arrival where a dot product per (row, vector) did not)."""
+    K = qT.shape[1]
+    for c0 in range(a, b, step):
+        c1 = min(c0 + step, b)
+        blk = dots[: c1 - c0]
+        np.dot(codes[c0:c1], qT, blk)
+        for j in range(c1 - c0):
+            best = blk[j, 0]
+            for kk in range(1, K):
+                if blk[j, kk] > best:
+                    best = blk[j, kk]
+            out[c0 - a + j] = best
 
 
 @njit(nogil=True, cache=True)
@@ -100,11 +109,12 @@ def _push(hs, hi, n, k, s, i):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, fastmath=_FASTMATH, cache=True)
-def _joint_scan(q, lists, n_lists, codes, ids, offsets, k, exc_ptr, exc_ids, mark, scratch,
-                out_i, out_s):  # pragma: no cover - compiled
+def _joint_scan(q, lists, n_lists, codes, ids, offsets, k, exc_ptr, exc_ids, mark, dots, scratch,
+                out_i, out_s, step):  # pragma: no cover - compiled
     """Per user ``b``: the top ``k`` of the items in lists ``lists[b, :n_lists[b]]`` by ``max_k q[b, k] . v``,
     without ``exc_ids[exc_ptr[b]:exc_ptr[b + 1]]``.  ``mark`` (uint8, one per item) is zero on entry and on exit;
-    ``scratch`` holds one list's scores."""
+    ``dots`` (``[step, K]``) and ``scratch`` (``[longest list]``) hold the dot products of ``step`` rows and one
+    list's scores."""
     B = q.shape[0]
     n_items = mark.size
     hs = np.empty(k, np.float32)
@@ -114,13 +124,13 @@ def _joint_scan(q, lists, n_lists, codes, ids, offsets, k, exc_ptr, exc_ids, mar
             e = exc_ids[j]
             if 0 <= e < n_items:
                 mark[e] = 1
-        qb = q[b]
+        qT = np.ascontiguousarray(q[b].T)
         n = 0
         for p in range(n_lists[b]):
             lst = lists[b, p]
             a0 = offsets[lst]
             a1 = offsets[lst + 1]
-            _score_rows(qb, codes, a0, a1, scratch)
+            _score_rows(qT, codes, a0, a1, dots, scratch, step)
             for j in range(a1 - a0):
                 s = scratch[j]
                 if n == k and s < hs[0]:  # the common case: below the k-th best so far
@@ -255,13 +265,21 @@ class JointIVF:
             top = np.broadcast_to(np.arange(self.nlist), (B, P))
         return np.sort(top, axis=1).astype(np.int64)
 
-    def _scratch(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-thread (mark, scores) scratch; ``mark`` is left zeroed by the kernel."""
+    def _scratch(self, K: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-thread (mark, dots, scores) scratch for ``K`` vectors per user; ``mark`` is left zeroed by the
+        kernel."""
         loc = self._local
         if getattr(loc, "mark", None) is None or loc.mark.size < self.n_items:
             loc.mark = np.zeros(max(1, self.n_items), dtype=np.uint8)
             loc.scores = np.empty(max(1, self._max_list), dtype=np.float32)
-        return loc.mark, loc.scores
+        if getattr(loc, "dots", None) is None or loc.dots.shape[1] != K:
+            loc.dots = np.empty((self._step(K), K), dtype=np.float32)
+        return loc.mark, loc.dots, loc.scores
+
+    def _step(self, K: int) -> int:
+        """Rows per BLAS call: below OpenBLAS's multithreading size, at most the longest list."""
+        d = self.centroids.shape[1]
+        return max(1, min(max(1, self._max_list), _BLAS_SINGLE_THREAD_MNK // max(1, d * K) - 1))
 
     def _run(self, tasks: list[Callable[[], None]]) -> None:
         """Run ``tasks`` in parallel (the caller takes one); one search at a time uses the workers, a concurrent
@@ -303,9 +321,10 @@ class JointIVF:
         n_threads = max(1, min(int(threads or os.cpu_count() or 1), B))
 
         def run(u0: int, u1: int) -> None:
-            mark, scratch = self._scratch()
+            mark, dots, scratch = self._scratch(q.shape[1])
             _joint_scan(q[u0:u1], lists[u0:u1], n_lists[u0:u1], self.codes, self.ids, self.offsets, int(k),
-                        ptr[u0:u1 + 1] - ptr[u0], exc[ptr[u0]:ptr[u1]], mark, scratch, out_i[u0:u1], out_s[u0:u1])
+                        ptr[u0:u1 + 1] - ptr[u0], exc[ptr[u0]:ptr[u1]], mark, dots, scratch, out_i[u0:u1],
+                        out_s[u0:u1], len(dots))
 
         bounds = np.linspace(0, B, n_threads + 1).astype(int)
         self._run([lambda a=int(a), b=int(b): run(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a])
