@@ -8,6 +8,7 @@ around it, on the tiny synthetic store (features item tower, scenarios homefeed 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -192,6 +193,39 @@ def test_inline_history_and_unknown_user(server, env):
     later = c.post("/v1/embed/user", json={"history": wire_events(st, 1), "t_now": t_last + 10**6}).json()
     base = c.post("/v1/embed/user", json={"history": wire_events(st, 1)}).json()
     assert same["vectors"] == base["vectors"] and later["vectors"] != base["vectors"]
+
+
+def test_recommend_fast_path_matches_the_full_stack(server, env, monkeypatch):
+    """A JSON body of known length is answered by the middleware's fast path; a chunked body (no Content-Length)
+    by FastAPI's route: the same answers and the same errors."""
+    import redrec.serve.app as app_module
+
+    taken = []
+    fast_path = app_module._Observe._recommend
+
+    async def counted(self, *args):
+        taken.append(1)
+        await fast_path(self, *args)
+
+    monkeypatch.setattr(app_module._Observe, "_recommend", counted)
+    st = env["st"]
+    c = httpx.Client(base_url=server.url, timeout=30)
+    c.post("/v1/events", json={"events": wire_events(st, 2, user="carol")}).raise_for_status()
+    m0 = metric_values(c.get("/metrics").text)
+    cases = [{"user": "carol", "k": 15}, {"history": wire_events(st, 2), "k": 5, "scenario": "ads"},
+             {"user": "carol", "k": 0}, {"user": "carol", "scenario": "nope"}, {"user": "carol", "k": 3, "x": 1}]
+    for body in cases:
+        raw = json.dumps(body).encode()
+        fast = c.post("/v1/recommend", content=raw, headers={"content-type": "application/json"})
+        full = c.post("/v1/recommend", content=iter([raw[:7], raw[7:]]), headers={"content-type": "application/json"})
+        assert fast.status_code == full.status_code and fast.json() == full.json(), body
+        assert fast.headers["content-type"] == full.headers["content-type"] == "application/json"
+    assert fast.status_code == 422 and "x" in fast.json()["message"]
+    assert len(taken) == len(cases)  # the chunked requests took the full stack
+    # both paths are counted per status
+    m1 = metric_values(c.get("/metrics").text)
+    key = 'redrec_requests_total{endpoint="/v1/recommend",status="200"}'
+    assert m1[key] - m0.get(key, 0) == 4
 
 
 def test_embed_user_equals_model_scorer(server, env):

@@ -36,7 +36,15 @@ import numpy as np
 
 from redrec.data.store import EventStore, UserEvents
 from redrec.errors import ConfigError, DataError, RedrecError
-from redrec.serve.history import Event, EventRow, HistoryError, rows_to_user_events, to_user_events
+from redrec.serve.history import (
+    Event,
+    EventColumns,
+    EventRow,
+    HistoryError,
+    columns_to_user_events,
+    rows_to_user_events,
+    to_user_events,
+)
 
 
 class Recommendation(NamedTuple):
@@ -97,12 +105,12 @@ class Query:
         exclude_seen: never return the history's items.
         t_now: prediction time (``None`` = the last event's timestamp).
         user_id: for messages only.
-        trusted: ``events`` are rows read back from a :class:`HistoryStore` (:meth:`HistoryStore.get_many_rows`:
-            checked when appended), converted with :meth:`prepare_rows` and not
-            validated again.
+        trusted: ``events`` were read back from a :class:`HistoryStore` (:meth:`HistoryStore.get_many_columns`
+            or ``get_many_rows``: checked when appended), converted with :meth:`prepare_rows` and not validated
+            again.
     """
 
-    events: Sequence[Event] | Sequence[EventRow] | UserInput
+    events: Sequence[Event] | Sequence[EventRow] | EventColumns | UserInput
     kind: Literal["recommend", "embed"] = "recommend"
     k: int = 10
     scenario: str | None = None
@@ -411,14 +419,16 @@ class Recommender:
         user, info = to_user_events(list(events), self.store, user_id=user_id, unknown_items="drop", validate=validate)
         return self._input(user, info, len(events), t_now)
 
-    def prepare_rows(self, rows: Sequence[EventRow], *, t_now: int | None = None, user_id: str = "") -> UserInput:
-        """:meth:`prepare` of rows read from a history store (:meth:`HistoryStore.get_many_rows`: checked when
-        appended, so not validated again).
+    def prepare_rows(self, rows: Sequence[EventRow] | EventColumns, *, t_now: int | None = None,
+                     user_id: str = "") -> UserInput:
+        """:meth:`prepare` of events read from a history store (:meth:`HistoryStore.get_many_columns` or
+        ``get_many_rows``: checked when appended, so not validated again).
 
         Raises:
             DataError: a scenario or action this model's store does not know.
         """
-        user, info = rows_to_user_events(rows, self.store, user_id=user_id, unknown_items="drop")
+        convert = columns_to_user_events if isinstance(rows, EventColumns) else rows_to_user_events
+        user, info = convert(rows, self.store, user_id=user_id, unknown_items="drop")  # type: ignore[arg-type]
         return self._input(user, info, len(rows), t_now)
 
     @staticmethod
@@ -448,7 +458,10 @@ class Recommender:
         B = len(seqs)
         if self.compiled and B < 2:  # an empty history pads the batch (see __init__)
             seqs = seqs + [{k: v[:0] for k, v in seqs[0].items()}]
-        batch = collate(seqs, self.store, self.needs_features, min_len=2 if self.compiled else 1)
+        # histories padded to a multiple of 16 events: a few shapes instead of one per longest history, so the
+        # matmul kernels (oneDNN makes one per shape) are reused; padding is masked out of the result
+        longest = max(len(s["item"]) for s in seqs)
+        batch = collate(seqs, self.store, self.needs_features, min_len=max(2, -(-longest // 16) * 16))
         batch = {k: v.to(self.device) for k, v in batch.items()}
         low = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bfloat16" else nullcontext()
         with torch.no_grad(), low:
@@ -481,23 +494,29 @@ class Recommender:
         for s, rows in groups.items():
             kk = max(ks[r] for r in rows)
             ex = None if exclude is None else [exclude[r] for r in rows]
-            ids, scores = self.pools[s].search(np.ascontiguousarray(vectors[rows]), kk, ex)
-            for j, r in enumerate(rows):
-                out[r] = self._items(vectors[r], ids[j, : ks[r]], scores[j, : ks[r]])
+            users = np.ascontiguousarray(vectors[rows])
+            ids, scores = self.pools[s].search(users, kk, ex)
+            for r, items in zip(rows, self._items(users, ids, scores), strict=True):
+                out[r] = items[: ks[r]]
         return out
 
-    def _items(self, u: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> list[Recommendation]:
+    def _items(self, users: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> list[list[Recommendation]]:
+        """Result lists of ``B`` users (``[B, K, d]`` vectors, ``[B, k]`` ids / scores, -1 = no item): the winning
+        interest of each item is the argmax over K of the float64 cosines (one batched product)."""
         ok = ids >= 0
-        ids, scores = ids[ok], scores[ok]
-        if not len(ids):
-            return []
-        q = np.asarray(u, np.float64)
-        q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-300)
-        which = (q @ np.asarray(self.item_vectors[ids], np.float64).T).argmax(axis=0)  # [n] interest per item
-        names = self.store.item_ids[ids].tolist()
+        safe = np.where(ok, ids, 0)
+        q = np.asarray(users, np.float64)
+        q /= np.maximum(np.linalg.norm(q, axis=2, keepdims=True), 1e-300)
+        v = np.asarray(self.item_vectors[safe], np.float64)  # [B, k, d]
+        which = np.einsum("bkd,bjd->bkj", q, v).argmax(axis=1)  # [B, k] interest per item
+        names = self.store.item_ids[safe]
         scen = self.query_scenarios
-        return [Recommendation(str(n), i, s, w, scen[w])
-                for n, i, s, w in zip(names, ids.tolist(), scores.tolist(), which.tolist(), strict=True)]
+        out = []
+        for b in range(len(ids)):
+            j = np.flatnonzero(ok[b])
+            out.append([Recommendation(str(nm), i, sc, w, scen[w]) for nm, i, sc, w in zip(
+                names[b, j].tolist(), ids[b, j].tolist(), scores[b, j].tolist(), which[b, j].tolist(), strict=True)])
+        return out
 
     def recommend(self, histories: Sequence[Sequence[Event] | UserInput], k: int = 10, scenario: str | None = None,
                   exclude_seen: bool = True, t_now: int | None = None) -> list[list[Recommendation]]:
