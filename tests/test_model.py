@@ -62,6 +62,28 @@ def test_interests_only_forward_equals_the_full_one(readout):
     assert "seq" not in lean and torch.allclose(full["interests"], lean["interests"], atol=1e-6)
 
 
+@pytest.mark.parametrize("backbone", ["qwen2", "llama"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("queries", ["alone", "see_each_other", "causal"])
+def test_inference_runs_the_last_layer_on_the_query_rows_only(backbone, attn, queries, monkeypatch):
+    """At inference the last decoder layer computes queries, attention output and MLP for the K query rows only
+    (keys / values of all rows): the interest vectors equal those of the whole backbone."""
+    import redrec.model.redrec as R
+
+    opts = {"queries_see_each_other": queries == "see_each_other", "queries_causal": queries == "causal"}
+    m = model(backbone=backbone, attn_implementation=attn, **opts)
+    b = batch()
+    calls = []
+    real = R._attention_last_rows
+    monkeypatch.setattr(R, "_attention_last_rows", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        lean = m(b, seq=False)["interests"]
+        assert calls and R._query_rows_layers(m.backbone)  # the query-rows path ran
+        monkeypatch.setattr(R, "_query_rows_layers", lambda backbone: False)
+        whole = m(b, seq=False)["interests"]
+    torch.testing.assert_close(lean, whole, atol=1e-6, rtol=0)
+
+
 def test_history_is_causal_and_queries_see_everything():
     m = model()
     b = batch()

@@ -79,6 +79,80 @@ def build_backbone(cfg: ModelConfig, pretrained_weights: bool = True) -> nn.Modu
     return model
 
 
+# HF decoder layers of the pre-norm form ``h + attn(norm(h))`` then ``h + mlp(norm(h))`` (their forward, written
+# out in _backbone_last_rows); other layer types run whole
+_QUERY_ROWS_LAYERS = ("Qwen2DecoderLayer", "LlamaDecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer")
+
+
+def _query_rows_layers(backbone: nn.Module) -> bool:
+    """``backbone`` is an HF decoder whose last layer can run its MLP on some rows only."""
+    layers = getattr(backbone, "layers", None)
+    cfg = getattr(backbone, "config", None)
+    if not layers or cfg is None or getattr(backbone, "has_sliding_layers", False):
+        return False
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ["full_attention"])):
+        return False
+    return all(type(layer).__name__ in _QUERY_ROWS_LAYERS for layer in layers[: cfg.num_hidden_layers])
+
+
+def _backbone_last_rows(backbone: nn.Module, h: Tensor, attn: Tensor, pos: Tensor, K: int) -> Tensor:
+    """The final hidden states of the last ``K`` rows of ``h`` ``[B, T, H]`` (``attn``: the additive mask
+    ``[B, 1, T, T]``; ``pos``: position ids ``[B, T]``) -- the backbone's ``last_hidden_state[:, -K:]``, computed
+    without the last layer's MLP on the other rows, which nothing reads at inference (in the default tower that MLP
+    is about 40% of the forward's multiply-adds).  Every earlier layer, and the last layer's attention, run whole."""
+    layers = backbone.layers[: backbone.config.num_hidden_layers]
+    pos_emb = backbone.rotary_emb(h, pos)
+    for layer in layers[:-1]:
+        h = layer(h, attention_mask=attn, position_ids=pos, position_embeddings=pos_emb)
+        h = h[0] if isinstance(h, tuple) else h  # transformers 4.x layers return tuples
+    last = layers[-1]
+    x = last.input_layernorm(h)
+    a = _attention_last_rows(last.self_attn, x, attn, pos_emb, K)
+    if a is None:  # an attention module of another form: all rows, then the last K
+        a = last.self_attn(hidden_states=x, attention_mask=attn, position_ids=pos, position_embeddings=pos_emb)[0]
+        a = a[:, -K:]
+    x = h[:, -K:] + a
+    x = x + last.mlp(last.post_attention_layernorm(x))
+    return backbone.norm(x)
+
+
+def _attention_last_rows(attn_mod: nn.Module, x: Tensor, mask: Tensor, pos_emb: tuple[Tensor, Tensor],
+                         K: int) -> Tensor | None:
+    """The output of an HF Qwen2 / Llama / Mistral attention module for the last ``K`` rows of ``x`` ``[B, T, H]``
+    only (queries of those rows, keys and values of all): the module's own projections, its model's rotary
+    embedding and its configured attention function (``sdpa`` / ``eager``), so the result equals the module's
+    output rows to float rounding.  ``None`` for any other module (e.g. Qwen3's per-head norms)."""
+    import sys
+
+    if type(attn_mod).__name__ not in ("Qwen2Attention", "LlamaAttention", "MistralAttention"):
+        return None
+    family = sys.modules.get(type(attn_mod).__module__)
+    rotary = getattr(family, "apply_rotary_pos_emb", None)
+    impl = getattr(attn_mod.config, "_attn_implementation", "eager")
+    if impl == "eager":
+        fn = getattr(family, "eager_attention_forward", None)
+    else:
+        try:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        except ImportError:
+            return None
+        fn = ALL_ATTENTION_FUNCTIONS[impl] if impl in ALL_ATTENTION_FUNCTIONS else None
+    if rotary is None or fn is None:
+        return None
+    B, T, _ = x.shape
+    hd = attn_mod.head_dim
+    xq = x[:, -K:]
+    q = attn_mod.q_proj(xq).view(B, K, -1, hd).transpose(1, 2)
+    k = attn_mod.k_proj(x).view(B, T, -1, hd).transpose(1, 2)
+    v = attn_mod.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+    cos, sin = pos_emb
+    q, _ = rotary(q, q, cos[:, -K:], sin[:, -K:])
+    k, _ = rotary(k, k, cos, sin)
+    out, _ = fn(attn_mod, q, k, v, mask[:, :, -K:, :], dropout=0.0, scaling=attn_mod.scaling,
+                sliding_window=getattr(attn_mod, "sliding_window", None))
+    return attn_mod.o_proj(out.reshape(B, K, -1).contiguous())
+
+
 class RedRec(nn.Module):
     """The RED-Rec two-tower model.  See the module docstring for the data flow."""
 
@@ -217,7 +291,13 @@ class RedRec(nn.Module):
             out = self.backbone(h, self.attention_allow(mask), pos, time)
         else:
             attn = self.attention_mask(mask, h.dtype)
-            out = self.backbone(inputs_embeds=h, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
+            out = None
+            if not seq and not self.training and K and _query_rows_layers(self.backbone):
+                out = _backbone_last_rows(self.backbone, h, attn, pos, K)  # [B, K, H]: only the query rows
+                L = 0
+            if out is None:
+                out = self.backbone(inputs_embeds=h, attention_mask=attn, position_ids=pos,
+                                    use_cache=False).last_hidden_state
         if self.queries is not None:
             rows = out[:, L:]
         else:  # the causal state at the last real event (row 0, a padding state, for an empty history)

@@ -230,7 +230,11 @@ class Recommender:
         # torch.compile with dynamic shapes; batches are padded to >= 2 users and >= 2 events (see user_vectors)
         # because sizes 0 and 1 get graphs of their own, each a compilation of tens of seconds
         self.compiled = bool(compile)
-        self._forward = torch.compile(self.model, dynamic=True) if compile else self.model
+        # inductor "freezing" folds the weights (and their bfloat16 casts) into the graph and prepacks them for
+        # oneDNN; "cpp_wrapper" calls the kernels from C++ instead of a Python wrapper: a forward of 8 users of the
+        # default model ran 4.1-4.2 ms with both against 5.1-7.8 ms without, here (compilation: ~25 s instead of ~10)
+        self._forward = (torch.compile(self.model, dynamic=True, options={"freezing": True, "cpp_wrapper": True})
+                         if compile else self.model)
         self.device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
         self.store = store
         self.mixing = mixing
