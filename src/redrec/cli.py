@@ -411,8 +411,8 @@ def serve_cmd(
         # the user tower those spinning threads take the cores the index search runs on.  A shorter spin keeps
         # the forward's own regions fast (measured: ~2.5 ms less per batch of 8 on 2 cores).
         os.environ.setdefault("GOMP_SPINCOUNT", "100000")
-    # every OpenBLAS in the process (numpy's, scipy's -- the joint probe's products --, FAISS's) on one thread,
-    # including those loaded later, which threadpoolctl's limit in serve() does not reach
+    # OpenBLAS on one thread, including scipy's, loaded later by the joint probe's products (threadpoolctl in serve()
+    # reaches only the libraries loaded when it runs)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from redrec.serve.app import ServeConfig, serve
 

@@ -309,8 +309,6 @@ class JointIVF:
         out_s = np.full((B, k), -np.inf, dtype=np.float32)
         if B == 0 or self.nlist == 0:
             return out_i, out_s
-        lists = self.probe(q, user_nprobe)
-        n_lists = np.full(B, lists.shape[1], dtype=np.int64)
         ptr = np.zeros(B + 1, dtype=np.int64)
         if exclude is not None:
             ptr[1:] = np.cumsum([len(e) for e in exclude])
@@ -320,9 +318,11 @@ class JointIVF:
             exc = np.zeros(0, dtype=np.int64)
         n_threads = max(1, min(int(threads or os.cpu_count() or 1), B))
 
-        def run(u0: int, u1: int) -> None:
+        def run(u0: int, u1: int) -> None:  # each thread ranks the lists of its own users, then scans them
             mark, dots, scratch = self._scratch(q.shape[1])
-            _joint_scan(q[u0:u1], lists[u0:u1], n_lists[u0:u1], self.codes, self.ids, self.offsets, int(k),
+            lists = self.probe(q[u0:u1], user_nprobe)
+            n_lists = np.full(u1 - u0, lists.shape[1], dtype=np.int64)
+            _joint_scan(q[u0:u1], lists, n_lists, self.codes, self.ids, self.offsets, int(k),
                         ptr[u0:u1 + 1] - ptr[u0], exc[ptr[u0]:ptr[u1]], mark, dots, scratch, out_i[u0:u1],
                         out_s[u0:u1], len(dots))
 
