@@ -582,6 +582,36 @@ def test_batcher_unit():
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("history", [8, 0])
+def test_batcher_fill_target_follows_recent_batches(history):
+    """With ``history`` a batch starts once it holds as many items as the largest recent batch instead of waiting
+    out ``max_wait_ms``; with ``history=0`` it always waits for ``max_batch`` or ``max_wait_ms``."""
+    sizes: list[int] = []
+
+    def fn(items):
+        sizes.append(len(items))
+        return items
+
+    async def timed(b, n):
+        t = time.perf_counter()
+        assert await asyncio.gather(*(b.submit(x) for x in range(n))) == list(range(n))
+        return time.perf_counter() - t
+
+    async def main():
+        b = MicroBatcher(fn, max_batch=32, max_wait_ms=300, max_queue=64, history=history)
+        await b.start()
+        first = await timed(b, 3)  # nothing to go by yet: waits max_wait
+        second = await timed(b, 3)
+        lone = await timed(b, 1)  # fewer than recent batches: waits max_wait again
+        await b.stop()
+        return first, second, lone
+
+    first, second, lone = asyncio.run(main())
+    assert sizes == [3, 3, 1]
+    assert first >= 0.29 and lone >= 0.29
+    assert (second < 0.15) if history else (second >= 0.29)
+
+
 def test_cli_serve_subprocess_graceful_shutdown(env, tmp_path):
     """``redrec serve`` as a process: serve, then SIGTERM with requests in flight -> all answered, clean exit."""
     port = free_port()

@@ -10,9 +10,12 @@ BLAS retrieval kernels release the GIL, so the event loop keeps accepting reques
 result per item, in order; an exception instance in the list fails that item only, an exception raised by ``fn``
 fails the whole batch.
 
-Batching policy: a batch starts when ``max_batch`` items are waiting, or when the oldest waiting item has waited
-``max_wait_ms`` (so no item waits longer than that for the batch to *form*; it may wait longer for the worker while a
-previous batch runs: the items arriving meanwhile make the next batch).  Only one batch runs at a time.
+Batching policy: a batch starts when ``max_batch`` items are waiting, or as many as the largest of the last
+``history`` batches held (at steady load every client's next request is then taken as soon as it is in, instead of
+waiting out ``max_wait_ms`` for requests that are not coming: a lone client no longer waits at all), or when the
+oldest waiting item has waited ``max_wait_ms`` (so no item waits longer than that for the batch to *form*; it may
+wait longer for the worker while a previous batch runs: the items arriving meanwhile make the next batch).  Only one
+batch runs at a time.
 
 Back-pressure: at most ``max_queue`` items wait (the running batch not included); :meth:`submit` raises
 :class:`QueueFull` at once beyond that, instead of letting latency grow without bound.  After :meth:`stop` began it
@@ -79,11 +82,13 @@ class MicroBatcher(Generic[T, R]):
         max_queue: most items waiting (>= 1); beyond that :meth:`submit` raises :class:`QueueFull`.
         on_batch: called (in the event loop) with a :class:`BatchInfo` after each batch.
         name: worker thread name prefix.
+        history: batches whose largest size is the fill target (0: always wait for ``max_batch`` or ``max_wait_ms``).
     """
 
     def __init__(
         self, fn: Callable[[list[T]], Sequence[R | BaseException]], *, max_batch: int = 32, max_wait_ms: float = 2.0,
         max_queue: int = 256, on_batch: Callable[[BatchInfo], None] | None = None, name: str = "batcher",
+        history: int = 8,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -104,6 +109,8 @@ class MicroBatcher(Generic[T, R]):
         self._closing = False
         self._busy = False
         self._last_batch_seconds = 0.0
+        self._sizes: deque[int] = deque(maxlen=max(1, int(history)))
+        self._adaptive = int(history) > 0
 
     # -- state -----------------------------------------------------------------------------------------------------
     @property
@@ -199,8 +206,10 @@ class MicroBatcher(Generic[T, R]):
                     return
                 await self._wait(None)
                 continue
-            # let the batch fill: until it is full or its oldest item has waited max_wait
-            while not self._closing and len(self._queue) < self.max_batch:
+            # let the batch fill: until it is full, holds as many items as the recent batches, or its oldest item
+            # has waited max_wait
+            target = min(self.max_batch, max(self._sizes)) if self._adaptive and self._sizes else self.max_batch
+            while not self._closing and len(self._queue) < target:
                 remaining = self._queue[0][2] + self.max_wait - time.perf_counter()
                 if remaining <= 0:
                     break
@@ -210,6 +219,7 @@ class MicroBatcher(Generic[T, R]):
             batch = self._take()
             if not batch:
                 continue
+            self._sizes.append(len(batch))
             t0 = time.perf_counter()
             waits = [t0 - t for _, _, t in batch]
             failed = False
