@@ -87,16 +87,23 @@ def gap_bucket(gap: np.ndarray, n_buckets: int = 32) -> np.ndarray:
 
 
 def _floor_log2(x: np.ndarray) -> np.ndarray:
-    """Exact ``floor(log2(x))`` of positive int64 values (``int.bit_length() - 1``), by binary search on shifts.
+    """Exact ``floor(log2(x))`` of positive int64 values (``int.bit_length() - 1``): ``frexp``'s exponent below 2**53
+    (where float64 holds every integer), a binary search on shifts above.
 
     Float ``log2`` misrounds near powers of two, and above 2**62 its correction overflowed the int64 shift.
     """
-    x = np.array(x, dtype=np.int64, copy=True)
-    r = np.zeros(x.shape, dtype=np.int64)
-    for s in (32, 16, 8, 4, 2, 1):
-        big = (x >> s) > 0
-        r[big] += s
-        x[big] >>= s
+    x = np.asarray(x, dtype=np.int64)
+    # below 2**53 the float64 conversion is exact, and frexp's exponent is bit_length
+    r = np.frexp(x.astype(np.float64))[1].astype(np.int64) - 1
+    huge = np.flatnonzero(x >= 2**53)
+    if len(huge):
+        y = x[huge].copy()
+        e = np.zeros(len(huge), dtype=np.int64)
+        for s in (32, 16, 8, 4, 2, 1):
+            big = (y >> s) > 0
+            e[big] += s
+            y[big] >>= s
+        r[huge] = e
     return r
 
 
