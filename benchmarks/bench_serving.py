@@ -325,6 +325,9 @@ def main() -> None:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+            server.wait()
+        for suffix in ("", "-wal", "-shm"):  # this run's history database (the cached set-up stays)
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
 
     print(f"\n`redrec serve {args.serve_args}`".replace(" `", "`"), f"{store.n_items:,} items ({args.index_kind}), "
           f"default model (untrained), k={args.k}, "

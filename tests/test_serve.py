@@ -612,6 +612,32 @@ def test_batcher_fill_target_follows_recent_batches(history):
     assert (second < 0.15) if history else (second >= 0.29)
 
 
+def test_batcher_gathers_closed_loop_clients_after_the_load_grows():
+    """One client, then two sending back to back: the two are soon in one batch again (a fill target of the
+    last batch's size alone would keep them alternating in batches of one)."""
+    sizes: list[int] = []
+
+    def fn(items):
+        sizes.append(len(items))
+        time.sleep(0.02)
+        return items
+
+    async def client(b, n):
+        for x in range(n):
+            assert await b.submit(x) == x
+
+    async def main():
+        b = MicroBatcher(fn, max_batch=32, max_wait_ms=10, max_queue=64)
+        await b.start()
+        await client(b, 5)
+        await asyncio.gather(client(b, 20), _later(client(b, 20), 0.005))  # joins while a batch runs
+        await b.stop()
+
+    asyncio.run(main())
+    assert sizes[:5] == [1] * 5
+    assert sizes[-11:-1] == [2] * 10, sizes  # (the later client ends alone)
+
+
 def test_cli_serve_subprocess_graceful_shutdown(env, tmp_path):
     """``redrec serve`` as a process: serve, then SIGTERM with requests in flight -> all answered, clean exit."""
     port = free_port()

@@ -10,12 +10,14 @@ BLAS retrieval kernels release the GIL, so the event loop keeps accepting reques
 result per item, in order; an exception instance in the list fails that item only, an exception raised by ``fn``
 fails the whole batch.
 
-Batching policy: a batch starts when ``max_batch`` items are waiting, or as many as the largest of the last
-``history`` batches held (at steady load every client's next request is then taken as soon as it is in, instead of
-waiting out ``max_wait_ms`` for requests that are not coming: a lone client no longer waits at all), or when the
-oldest waiting item has waited ``max_wait_ms`` (so no item waits longer than that for the batch to *form*; it may
-wait longer for the worker while a previous batch runs: the items arriving meanwhile make the next batch).  Only one
-batch runs at a time.
+Batching policy: a batch starts when ``max_batch`` items are waiting, or as many as the recent load (the largest,
+over the last ``history`` batches, of a batch's size plus the items that arrived while it ran: at steady load every
+client's next request is then taken as soon as it is in, instead of waiting out ``max_wait_ms`` for requests that are
+not coming -- a lone client no longer waits at all -- and clients whose requests alternate with the running batch
+are gathered again into one), or when ``max_wait_ms`` has passed since the oldest waiting item arrived or since the
+worker became free, whichever is later (``history=0``: since the item arrived).  An item may wait longer for the
+worker while a previous batch runs: the items arriving meanwhile make the next batch.  Only one batch runs at a
+time.
 
 Back-pressure: at most ``max_queue`` items wait (the running batch not included); :meth:`submit` raises
 :class:`QueueFull` at once beyond that, instead of letting latency grow without bound.  After :meth:`stop` began it
@@ -82,7 +84,7 @@ class MicroBatcher(Generic[T, R]):
         max_queue: most items waiting (>= 1); beyond that :meth:`submit` raises :class:`QueueFull`.
         on_batch: called (in the event loop) with a :class:`BatchInfo` after each batch.
         name: worker thread name prefix.
-        history: batches whose largest size is the fill target (0: always wait for ``max_batch`` or ``max_wait_ms``).
+        history: batches over which the fill target is taken (0: always wait for ``max_batch`` or ``max_wait_ms``).
     """
 
     def __init__(
@@ -109,7 +111,8 @@ class MicroBatcher(Generic[T, R]):
         self._closing = False
         self._busy = False
         self._last_batch_seconds = 0.0
-        self._sizes: deque[int] = deque(maxlen=max(1, int(history)))
+        self._sizes: deque[int] = deque(maxlen=max(1, int(history)))  # batch size + arrivals during the batch
+        self._submitted = 0
         self._adaptive = int(history) > 0
 
     # -- state -----------------------------------------------------------------------------------------------------
@@ -171,6 +174,7 @@ class MicroBatcher(Generic[T, R]):
                             retry_after=self._retry_after())
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._queue.append((item, fut, time.perf_counter()))
+        self._submitted += 1
         assert self._wakeup is not None
         self._wakeup.set()
         return await fut
@@ -200,17 +204,20 @@ class MicroBatcher(Generic[T, R]):
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        free_since = time.perf_counter()  # when the worker last became free
         while True:
             if not self._queue:
                 if self._closing:
                     return
                 await self._wait(None)
                 continue
-            # let the batch fill: until it is full, holds as many items as the recent batches, or its oldest item
-            # has waited max_wait
+            # let the batch fill: until it is full, holds as many items as the recent load, or max_wait has passed
+            # since its oldest item arrived (adaptive: or since the worker became free, whichever is later -- items
+            # that queued behind the previous batch still wait for the requests the load says are coming)
             target = min(self.max_batch, max(self._sizes)) if self._adaptive and self._sizes else self.max_batch
             while not self._closing and len(self._queue) < target:
-                remaining = self._queue[0][2] + self.max_wait - time.perf_counter()
+                since = max(self._queue[0][2], free_since) if self._adaptive else self._queue[0][2]
+                remaining = since + self.max_wait - time.perf_counter()
                 if remaining <= 0:
                     break
                 await self._wait(remaining)
@@ -219,7 +226,7 @@ class MicroBatcher(Generic[T, R]):
             batch = self._take()
             if not batch:
                 continue
-            self._sizes.append(len(batch))
+            submitted = self._submitted
             t0 = time.perf_counter()
             waits = [t0 - t for _, _, t in batch]
             failed = False
@@ -249,6 +256,8 @@ class MicroBatcher(Generic[T, R]):
             finally:
                 self._busy = False
             self._last_batch_seconds = time.perf_counter() - t0
+            self._sizes.append(len(batch) + self._submitted - submitted)
+            free_since = time.perf_counter()
             if self.on_batch is not None:
                 with contextlib.suppress(Exception):
                     self.on_batch(BatchInfo(len(batch), waits, self._last_batch_seconds, failed))
