@@ -280,9 +280,9 @@ class Recommender:
             warmup: answer a dummy query per pool before returning (compiles the engine's kernels, so the first
                 real request is not slow).
             precision: ``float32`` (default) or ``bfloat16``: the user tower runs under ``torch.autocast`` in
-                bfloat16 (faster on CPUs with AMX / AVX512-BF16: 8.4 -> 6.6 ms per forward of 8 users of the
-                default model here; interest vectors within cosine 0.9999 of float32 on that model); weights, item
-                vectors and the index are unchanged.
+                bfloat16 (faster on CPUs with AMX / AVX512-BF16: :meth:`user_vectors` of 8 users of the default
+                model, conversion included, 6.6 -> 6.2 ms here, 4.8 -> 3.6 ms compiled; interest vectors within
+                cosine 0.9999 of float32 on that model); weights, item vectors and the index are unchanged.
             search_threads: threads of each index search; 0 = automatic: all cores for the joint probe (its users
                 are split over the threads), 1 for a FAISS search (a micro-batch is a few queries: OpenMP fan-out
                 costs more than it saves).
@@ -292,9 +292,9 @@ class Recommender:
                 ``benchmarks/bench_joint_probe.py``).
             index_nprobe: lists scanned per user (``joint``) or per vector (``per_vector``); ``None`` = the
                 index's saved setting (``joint``: 4 x its ``nprobe``).
-            compile: run the user tower through ``torch.compile`` (inductor, dynamic shapes; needs a C++
-                compiler).  Default model, 8 users here: 8.4 -> 6.1 ms per forward in float32, 4.3 ms with
-                ``bfloat16``; compiled once at load (``warmup``: ~10-60 s).
+            compile: run the user tower through ``torch.compile`` (inductor with freezing and its C++ wrapper,
+                dynamic shapes; needs a C++ compiler).  :meth:`user_vectors` of 8 users of the default model here:
+                6.6 -> 4.8 ms in float32, 3.6 ms with ``bfloat16``; compiled once at load (``warmup``: ~25-60 s).
 
         Raises:
             DataError / ConfigError: missing or inconsistent files (model vs store, index size, embeddings of
