@@ -22,6 +22,7 @@ to no scenario (``query_scope: shared``, readout ``last``): it serves, and is tr
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -98,8 +99,9 @@ def _query_rows_layers(backbone: nn.Module) -> bool:
 def _backbone_last_rows(backbone: nn.Module, h: Tensor, attn: Tensor, pos: Tensor, K: int) -> Tensor:
     """The final hidden states of the last ``K`` rows of ``h`` ``[B, T, H]`` (``attn``: the additive mask
     ``[B, 1, T, T]``; ``pos``: position ids ``[B, T]``) -- the backbone's ``last_hidden_state[:, -K:]``, computed
-    without the last layer's MLP on the other rows, which nothing reads at inference (in the default tower that MLP
-    is about 40% of the forward's multiply-adds).  Every earlier layer, and the last layer's attention, run whole."""
+    without the last layer's queries, attention output and MLP on the other rows, which nothing reads at inference
+    (in the default tower that MLP alone is about 40% of the forward's multiply-adds).  Every earlier layer runs
+    whole, and the last layer's keys and values cover every row."""
     layers = backbone.layers[: backbone.config.num_hidden_layers]
     pos_emb = backbone.rotary_emb(h, pos)
     for layer in layers[:-1]:
@@ -122,8 +124,6 @@ def _attention_last_rows(attn_mod: nn.Module, x: Tensor, mask: Tensor, pos_emb: 
     only (queries of those rows, keys and values of all): the module's own projections, its model's rotary
     embedding and its configured attention function (``sdpa`` / ``eager``), so the result equals the module's
     output rows to float rounding.  ``None`` for any other module (e.g. Qwen3's per-head norms)."""
-    import sys
-
     if type(attn_mod).__name__ not in ("Qwen2Attention", "LlamaAttention", "MistralAttention"):
         return None
     family = sys.modules.get(type(attn_mod).__module__)
@@ -289,17 +289,14 @@ class RedRec(nn.Module):
             # query tokens sit at t_now: age 0
             time = torch.cat([time, time.new_zeros(B, K)], 1) if time is not None else None
             out = self.backbone(h, self.attention_allow(mask), pos, time)
+        elif not seq and not self.training and K and _query_rows_layers(self.backbone):
+            # inference: the backbone's final states of the K query rows only; nothing else is read
+            out = _backbone_last_rows(self.backbone, h, self.attention_mask(mask, h.dtype), pos, K)  # [B, K, H]
         else:
             attn = self.attention_mask(mask, h.dtype)
-            out = None
-            if not seq and not self.training and K and _query_rows_layers(self.backbone):
-                out = _backbone_last_rows(self.backbone, h, attn, pos, K)  # [B, K, H]: only the query rows
-                L = 0
-            if out is None:
-                out = self.backbone(inputs_embeds=h, attention_mask=attn, position_ids=pos,
-                                    use_cache=False).last_hidden_state
+            out = self.backbone(inputs_embeds=h, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
         if self.queries is not None:
-            rows = out[:, L:]
+            rows = out[:, -K:]
         else:  # the causal state at the last real event (row 0, a padding state, for an empty history)
             rows = out[torch.arange(B, device=out.device), (lengths - 1).clamp(min=0)][:, None]
         result = {"interests": l2norm(self.head(rows)), "item_h": item_h}
