@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from redrec.errors import ConfigError, DataError
 from redrec.serve.history import (
     Event,
     HistoryError,
@@ -664,3 +665,20 @@ def test_item_lookup_matches_store(tiny_store):
     np.testing.assert_array_equal(item_lookup(tiny_store)(ids), tiny_store.item_index(ids))
     assert item_lookup(tiny_store) is item_lookup(tiny_store)
     assert item_lookup(tiny_store)([]).shape == (0,)
+
+
+@pytest.mark.parametrize("err", [
+    HistoryError("timestamp", "must be >= 0, got -1", index=3),
+    DataError("/data/store", "item", "2 unknown ids", hint="pass unknown_items='drop'"),
+    DataError(None, None, "empty file"),
+    ConfigError("command line", "max_batch", "must be an integer >= 1, got 0"),
+])
+def test_errors_survive_pickling(err):
+    """Errors cross process boundaries (ProcessPoolExecutor, multiprocessing) pickled: fields and message intact
+    (the default pickling passes the message alone to ``__init__``, which needs the fields: TypeError)."""
+    import pickle
+
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is type(err)
+    assert str(back) == str(err)
+    assert vars(back) == vars(err)

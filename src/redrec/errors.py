@@ -36,6 +36,9 @@ class DataError(RedrecError):
             msg += f" ({hint})"
         super().__init__(msg)
 
+    def __reduce__(self):  # pickled with its fields (default: the message only, which __init__ cannot take)
+        return type(self), (self.path, self.field, self.problem, self.hint)
+
 
 class ConfigError(RedrecError):
     """A configuration value is missing, unknown or of the wrong type."""
@@ -45,3 +48,6 @@ class ConfigError(RedrecError):
         self.field = field
         self.problem = problem
         super().__init__(f"{self.source}: field '{field}': {problem}")
+
+    def __reduce__(self):
+        return type(self), (self.source, self.field, self.problem)

@@ -94,6 +94,9 @@ class HistoryError(ValueError):
         where = f"event {index}: " if index is not None else ""
         super().__init__(f"{where}field '{field}': {problem}")
 
+    def __reduce__(self):  # pickled with its fields (default: the message only, which __init__ cannot take)
+        return type(self), (self.field, self.problem, self.index)
+
 
 @dataclass(frozen=True)
 class Event:
