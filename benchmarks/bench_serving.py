@@ -8,7 +8,9 @@ Set-up (cached in ``--work``; each step in a child process, like a user would ru
 3. ``redrec embed items`` (all items) and a FAISS IVF index over them (``IndexConfig(kind=--index-kind)``, default
    ``ivf_flat``; ``ivf_fp16`` halves the bytes scanned per probed list);
 4. ``redrec serve`` started as a second process on 127.0.0.1 with a SQLite history store; ``--history-users``
-   users' histories are posted through ``POST /v1/events``.
+   users' histories are posted through ``POST /v1/events``.  ``--servers N`` starts N instances on N ports sharing
+   that one history database (a deployment behind a load balancer; each instance loads its own model and index),
+   the clients split evenly between them (client ``i`` talks to instance ``i mod N``).
 
 Load: for each concurrency level ``c``, ``c`` client tasks (this process; one keep-alive connection each, a minimal
 HTTP/1.1 client sending pre-encoded requests, so the generator's own CPU cost stays small) send
@@ -19,6 +21,7 @@ in the user tower vs the index (from ``/metrics``).
 
     python benchmarks/bench_serving.py                              # 1M items, concurrency 1 2 4 8 16
     python benchmarks/bench_serving.py --items 100000 --seconds 5 --concurrency 1 8
+    python benchmarks/bench_serving.py --servers 2 --concurrency 8 --serve-args="--threads 1 --search-threads 1"
 """
 
 from __future__ import annotations
@@ -143,12 +146,12 @@ def encode_post(path: str, body: dict) -> bytes:
             f"Content-Length: {len(data)}\r\n\r\n").encode() + data
 
 
-async def load(port: int, users: list[str], conc: int, seconds: float, k: int, warmup: float, server_pid: int,
-               ) -> tuple[list[float], int, float, float, float]:
-    """``conc`` closed-loop clients (one connection each) for ``warmup + seconds``; returns latencies (s) after
-    warm-up, errors (non-200 status, a broken connection, or -- on every 20th response, parsed -- a list that is
-    not ``k`` items long), the measured wall time, and the CPU seconds the server process and this process used
-    during it."""
+async def load(ports: list[int], users: list[str], conc: int, seconds: float, k: int, warmup: float,
+               server_pids: list[int]) -> tuple[list[float], int, float, float, float]:
+    """``conc`` closed-loop clients (one connection each; client ``w`` to ``ports[w % len(ports)]``) for
+    ``warmup + seconds``; returns latencies (s) after warm-up, errors (non-200 status, a broken connection, or -- on
+    every 20th response, parsed -- a list that is not ``k`` items long), the measured wall time, and the CPU seconds
+    the server processes and this process used during it."""
     reqs = [encode_post("/v1/recommend", {"user": u, "k": k, "exclude_seen": True}) for u in users]
     lat: list[float] = []
     errors = 0
@@ -159,10 +162,11 @@ async def load(port: int, users: list[str], conc: int, seconds: float, k: int, w
 
     async def mark() -> None:  # CPU counters at the start of the measured window
         await asyncio.sleep(max(0.0, t_measure - time.perf_counter()))
-        cpu0.extend([proc_cpu(server_pid), time.process_time()])
+        cpu0.extend([sum(proc_cpu(p) for p in server_pids), time.process_time()])
 
     async def worker(w: int) -> None:
         nonlocal errors
+        port = ports[w % len(ports)]
         conn = _Conn(*await asyncio.open_connection("127.0.0.1", port))
         i = w
         try:
@@ -188,7 +192,7 @@ async def load(port: int, users: list[str], conc: int, seconds: float, k: int, w
 
     await asyncio.gather(mark(), *(worker(w) for w in range(conc)))
     wall = time.perf_counter() - t_measure
-    return lat, errors, wall, proc_cpu(server_pid) - cpu0[0], time.process_time() - cpu0[1]
+    return lat, errors, wall, sum(proc_cpu(p) for p in server_pids) - cpu0[0], time.process_time() - cpu0[1]
 
 
 def served_recall(client, items_dir: Path, users: list[str], k: int) -> float:
@@ -229,6 +233,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--index-kind", default="ivf_flat", choices=["ivf_flat", "ivf_fp16", "ivf_sq8"])
     ap.add_argument("--serve-args", default="", help="extra `redrec serve` arguments, e.g. '--serve-args=--compile'")
+    ap.add_argument("--servers", type=int, default=1, help="`redrec serve` instances sharing the history database, "
+                    "the clients split evenly between them")
     ap.add_argument("--recall-users", type=int, default=100, help="users whose served lists are checked against "
                     "the exact search")
     args = ap.parse_args()
@@ -242,28 +248,35 @@ def main() -> None:
     paths = setup(args.work / f"items{args.items}", args.items, args.users, args.index_kind)
     store = EventStore(paths["store"])
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    db = args.work / f"history-{port}.db"
-    cmd = [sys.executable, "-m", "redrec.cli", "serve", "--checkpoint", str(paths["run"]), "--store", str(paths["store"]),
-           "--index", str(paths["index"]), "--item-embeddings", str(paths["items"]), "--history", f"sqlite:///{db}",
-           "--host", "127.0.0.1", "--port", str(port), *args.serve_args.split()]
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if args.servers < 1:
+        raise SystemExit("--servers must be >= 1")
+    ports = [free_port() for _ in range(args.servers)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    db = args.work / f"history-{ports[0]}.db"
+    servers = [subprocess.Popen(
+        [sys.executable, "-m", "redrec.cli", "serve", "--checkpoint", str(paths["run"]), "--store", str(paths["store"]),
+         "--index", str(paths["index"]), "--item-embeddings", str(paths["items"]), "--history", f"sqlite:///{db}",
+         "--host", "127.0.0.1", "--port", str(p), *args.serve_args.split()],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in ports]
+    pids = [s.pid for s in servers]
     try:
-        client = httpx.Client(base_url=url, timeout=30.0)
+        clients = [httpx.Client(base_url=u, timeout=30.0) for u in urls]
+        client = clients[0]
         t = time.perf_counter()
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"server exited:\n{server.stdout.read()[-4000:]}")
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - t > 600:
-                raise SystemExit("server not ready after 600 s")
-            time.sleep(0.5)
-        print(f"  server ready in {time.perf_counter() - t:.1f} s ({url})", flush=True)
+        for server, c in zip(servers, clients, strict=True):
+            while True:
+                if server.poll() is not None:
+                    raise SystemExit(f"server exited:\n{server.stdout.read()[-4000:]}")
+                try:
+                    if c.get("/readyz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.perf_counter() - t > 600:
+                    raise SystemExit("server not ready after 600 s")
+                time.sleep(0.5)
+        print(f"  {len(servers)} server{'s' * (len(servers) > 1)} ready in {time.perf_counter() - t:.1f} s "
+              f"({', '.join(urls)})", flush=True)
 
         # histories: the first --history-users users of the store, posted as events
         item_ids, scen, actions = store.item_ids, store.scenarios, store.actions_names
@@ -284,16 +297,23 @@ def main() -> None:
             users.append(uid)
             n_events += len(events)
         print(f"  posted {n_events:,} events of {len(users)} users in {time.perf_counter() - t:.1f} s", flush=True)
+        # every instance reads the histories posted through the first one (one shared database)
+        seen = [c.post("/v1/embed/user", json={"user": users[0]}).json()["n_history"] for c in clients]
+        if min(seen) <= 0 or len(set(seen)) != 1:
+            raise SystemExit(f"instances see different histories of user {users[0]}: n_history {seen}")
 
         gc.collect()
         gc.freeze()  # the load generator's own full GC passes (it holds the store) would show as latency spikes
         rows = []
         for conc in args.concurrency:
-            m0 = scrape(client, url)
+            m0 = [scrape(c, u) for c, u in zip(clients, urls, strict=True)]
             lat, errors, wall, cpu_server, cpu_client = run_loop(
-                load(port, users, conc, args.seconds, args.k, args.warmup, server.pid))
-            m1 = scrape(client, url)
-            d = {key: m1.get(key, 0.0) - m0.get(key, 0.0) for key in m1}
+                load(ports, users, conc, args.seconds, args.k, args.warmup, pids))
+            m1 = [scrape(c, u) for c, u in zip(clients, urls, strict=True)]
+            d: dict[str, float] = {}  # counters summed over the instances
+            for a0, a1 in zip(m0, m1, strict=True):
+                for key in a1:
+                    d[key] = d.get(key, 0.0) + a1[key] - a0.get(key, 0.0)
             tower = msum(d, r"redrec_user_tower_seconds_sum.*")
             index = msum(d, r"redrec_index_seconds_sum.*")
             batches = msum(d, r"redrec_batch_size_count.*")
@@ -320,22 +340,26 @@ def main() -> None:
                   f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms", flush=True)
         recall = served_recall(client, paths["items"], users[: args.recall_users], args.k)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        for server in servers:
+            server.send_signal(signal.SIGTERM)
+        for server in servers:
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
         for suffix in ("", "-wal", "-shm"):  # this run's history database (the cached set-up stays)
             Path(f"{db}{suffix}").unlink(missing_ok=True)
 
-    print(f"\n`redrec serve {args.serve_args}`".replace(" `", "`"), f"{store.n_items:,} items ({args.index_kind}), "
+    inst = f", {args.servers} instances sharing the history database, clients split evenly" if args.servers > 1 else ""
+    print(f"\n`redrec serve {args.serve_args}`".replace(" `", "`") + inst, f"{store.n_items:,} items ({args.index_kind}), "
           f"default model (untrained), k={args.k}, "
           f"exclude_seen, {len(users)} users with stored histories, {args.seconds:.0f} s per level after "
           f"{args.warmup:.0f} s warm-up; client latency over loopback")
     print("server time per batch: history read, user tower (input conversion + forward), index search (+ result "
           "lists); queue wait per request")
-    print("CPU ms per request: the server process and the load generator (2 cores = 2,000 CPU ms per second)")
+    print("CPU ms per request: the server process(es) and the load generator (2 cores = 2,000 CPU ms per second); "
+          "batch figures summed over the instances")
     print("| concurrency | requests | errors | req/s | p50 ms | p99 ms | max ms | mean batch | history ms | tower ms "
           "| index ms | tower / (tower + index) | queue wait ms | server CPU ms/req | client CPU ms/req |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")

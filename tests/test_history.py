@@ -537,6 +537,40 @@ def test_sqlite_durable_after_kill9(tmp_path):
         _check_acked(st, last)
 
 
+SHARED_WRITER = """
+import sys
+from redrec.serve.history import Event, open_history_store
+tag, n = sys.argv[2], int(sys.argv[3])
+with open_history_store(sys.argv[1], max_per_scenario=1_000_000) as st:
+    for i in range(n):
+        st.append(f"u{i % 4}", [Event(f"{tag}{i}-{k}", ("homefeed", "ads")[k % 2], 1000 + i, ("click",), float(k))
+                                for k in range(3)])
+"""
+
+
+def test_sqlite_shared_by_processes(tmp_path):
+    """Several `redrec serve` instances may share one SQLite history (a deployment behind a load balancer): two
+    processes appending to the same users at once lose nothing, and each batch keeps its arrival order."""
+    db = tmp_path / "hist.db"
+    script = tmp_path / "shared_writer.py"
+    script.write_text(SHARED_WRITER)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    n = 60
+    procs = [subprocess.Popen([sys.executable, str(script), f"sqlite://{db}", tag, str(n)], stderr=subprocess.PIPE,
+                              text=True, env=env) for tag in ("a", "b")]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]
+    with SQLiteHistoryStore(db, max_per_scenario=1_000_000) as st:
+        for u in range(4):
+            got = [e.item for e in st.get(f"u{u}")]
+            want = {f"{tag}{i}-{k}" for tag in ("a", "b") for i in range(u, n, 4) for k in range(3)}
+            assert len(got) == len(want) and set(got) == want, f"u{u}: {len(got)} events, {len(want)} appended"
+            for tag in ("a", "b"):  # same timestamp within a batch: arrival order
+                for i in range(u, n, 4):
+                    pos = [got.index(f"{tag}{i}-{k}") for k in range(3)]
+                    assert pos == sorted(pos), (u, tag, i, pos)
+
+
 @needs_redis
 def test_redis_durable_after_server_kill9(tmp_path):
     server = RedisServer(tmp_path / "redis")
