@@ -8,6 +8,8 @@ of an untrained model).  One IVF-Flat index (``--nlist`` lists) is searched with
 * ``per_vector`` (FAISS): each of the 9 vectors visits its ``nprobe`` lists, the 9 lists are merged;
 * ``joint`` (:mod:`redrec.retrieval.ivf_joint`): the user's ``user_nprobe`` best lists (by the max over its vectors
   of the centroid score) are scanned once, every item scored by all 9 vectors,
+  in float32 and, where torch's MKL has a bfloat16 GEMM, with the bfloat16 scan (a bfloat16 copy of the lists, the
+  ``2 k`` best re-scored in float32),
 
 for ``k`` items with no exclusion, on one thread (time per 8 users, the median of 5 runs), and each list is compared
 with the exact top-k (:func:`redrec.retrieval.engine.search`).
@@ -71,13 +73,17 @@ def main() -> None:
 
     rows = []
     for nprobe in (8, 16, 32):
-        index.set_search_params(probe="per_vector", nprobe=nprobe)
+        index.set_search_params(probe="per_vector", nprobe=nprobe, joint_precision="float32")
         rows.append((f"per_vector, nprobe {nprobe}", K * nprobe,
                      recall_at_k(index.search(users, args.k)[0], exact, args.k), per_8_users_ms()))
+    from redrec.retrieval.ivf_joint import bf16_available
+
+    precisions = ("float32", "bfloat16") if bf16_available() else ("float32",)
     for p in (32, 64, 128, 256):
-        index.set_search_params(probe="joint", user_nprobe=p)
-        rows.append((f"joint, user_nprobe {p}", p, recall_at_k(index.search(users, args.k)[0], exact, args.k),
-                     per_8_users_ms()))
+        for prec in precisions:  # bfloat16: the scan of a bfloat16 copy, 2k candidates re-scored in float32
+            index.set_search_params(probe="joint", user_nprobe=p, joint_precision=prec)
+            rows.append((f"joint, user_nprobe {p}" + (", bfloat16 scan" if prec == "bfloat16" else ""), p,
+                         recall_at_k(index.search(users, args.k)[0], exact, args.k), per_8_users_ms()))
     print(f"\n| probe | list scans per user | recall@{args.k} | ms per 8 users (1 thread) |")
     print("|---|---:|---:|---:|")
     for name, scans, r, ms in rows:

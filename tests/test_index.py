@@ -24,6 +24,7 @@ from redrec.retrieval.index import (  # noqa: E402
     load_index,
     recall_at_k,
 )
+from redrec.retrieval.ivf_joint import bf16_available  # noqa: E402
 
 D = 32
 
@@ -410,6 +411,8 @@ def test_dimension_and_state_errors(data):
         ({"kind": "ivf_fp16", "probe": "joint"}, 32, "probe"),
         ({"kind": "ivf_flat", "probe": "both"}, 32, "probe"),
         ({"kind": "ivf_flat", "probe": "joint", "user_nprobe": 0}, 32, "user_nprobe"),
+        ({"kind": "ivf_flat", "probe": "joint", "joint_precision": "float16"}, 32, "joint_precision"),
+        ({"kind": "ivf_flat", "joint_precision": "bfloat16"}, 32, "joint_precision"),  # per_vector probe
     ],
 )
 def test_bad_configs_name_the_field(kwargs, dim, field):
@@ -561,6 +564,31 @@ def test_joint_probe_threads_padding_and_persistence(tmp_path, joint_data):
     extra = unit(d["users"][:1, 0] + 1e-3)
     back.add(extra)
     assert back.search(d["users"][:1, :1], 1)[0][0, 0] == len(d["items"])
+
+
+@pytest.mark.skipif(not bf16_available(), reason="torch's library here has no MKL bfloat16 GEMM (non-x86 build)")
+def test_joint_probe_bfloat16_scan_rescored_in_float32(tmp_path, joint_data):
+    """The bfloat16 scan keeps 2k candidates by bfloat16 scores and returns the best k by float32 scores: the same
+    lists as the float32 scan here, float32 scores, exclusions and padding as before."""
+    d = joint_data
+    cfg = IndexConfig(kind="ivf_flat", nlist=48, nprobe=4, probe="joint", user_nprobe=6, threads=1)
+    index = build_index(cfg, D).fit(d["items"])
+    f_ids, f_scores = index.search(d["users"], 20, exclude=d["seen"])
+    index.set_search_params(joint_precision="bfloat16")
+    ids, scores = index.search(d["users"], 20, exclude=d["seen"])
+    same = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(ids.tolist(), f_ids.tolist(), strict=True)])
+    assert same >= 0.98, same
+    want = np.max(unit(d["users"]) @ d["items"][np.maximum(ids, 0)].transpose(0, 2, 1), axis=1)
+    np.testing.assert_allclose(scores, want, atol=2e-6)  # float32 scores, not bfloat16-rounded ones (~1e-3 off)
+    assert (np.diff(scores, axis=1) <= 0).all()
+    assert not any(set(r) & set(e.tolist()) for r, e in zip(ids.tolist(), d["seen"], strict=True))
+    index.set_search_params(threads=2)
+    assert np.array_equal(index.search(d["users"], 20, exclude=d["seen"])[0], ids)
+    big_ids, big_scores = index.search(d["users"][:2], 5000)  # more than the probed lists hold: padded
+    assert (big_ids[:, -1] == -1).all() and np.isneginf(big_scores[:, -1]).all()
+    back = load_index(index.save(tmp_path / "bf16"))
+    assert back.config.joint_precision == "bfloat16"
+    assert np.array_equal(back.search(d["users"], 20, exclude=d["seen"])[0], ids)
 
 
 def test_joint_probe_worker_threads_end_with_their_lists(joint_data):

@@ -516,13 +516,25 @@ def test_joint_probe_ivf_index(env):
     np.testing.assert_allclose([[x.score for x in r] for r in a], [[x.score for x in r] for r in b], atol=1e-5)
     assert [[x.interest for x in r] for r in a] == [[x.interest for x in r] for r in b]
     assert rec.reload().pools[None].index.config.probe == "joint"  # hot reload keeps the serving options
+    from redrec.retrieval.ivf_joint import bf16_available
+
+    if bf16_available():  # --index-precision bfloat16: the same lists here, float32 scores, kept by a reload
+        r16 = Recommender.load(env["run"], index=ivf, item_embeddings=emb, index_probe="joint", index_nprobe=8,
+                               index_precision="bfloat16")
+        c = rec.recommend(hist, k=10)
+        c16 = r16.recommend(hist, k=10)
+        assert [[x.id for x in r] for r in c16] == [[x.id for x in r] for r in c]
+        np.testing.assert_allclose([[x.score for x in r] for r in c16], [[x.score for x in r] for r in c], atol=1e-5)
+        assert r16.reload().pools[None].index.config.joint_precision == "bfloat16"
     per = Recommender.load(env["run"], index=ivf, item_embeddings=emb, index_nprobe=3)
     assert per.pools[None].index.config.probe == "per_vector" and per.pools[None].index.config.nprobe == 3
     assert per.pools[None].index.config.threads == 1
     flat = build_index(IndexConfig(kind="flat"), 16).fit(vecs).save(root / "idx-flat")
     for kwargs, field in (({"index": flat, "index_probe": "joint"}, "index_probe"),
                           ({"index": ivf, "index_probe": "both"}, "index_probe"),
-                          ({"index": ivf, "index_nprobe": 0}, "index_nprobe")):
+                          ({"index": ivf, "index_nprobe": 0}, "index_nprobe"),
+                          ({"index": ivf, "index_precision": "bfloat16"}, "index_precision"),  # per_vector probe
+                          ({"index": ivf, "index_probe": "joint", "index_precision": "int8"}, "index_precision")):
         with pytest.raises(ConfigError, match=field):
             Recommender.load(env["run"], item_embeddings=emb, **kwargs)
 

@@ -153,6 +153,9 @@ class IndexConfig:
             vectors; see :mod:`redrec.retrieval.ivf_joint`; holds a second copy of the lists in memory).
         user_nprobe: lists scanned per user with ``probe="joint"``; ``None`` = ``4 * nprobe`` (clamped to
             ``nlist``).
+        joint_precision: arithmetic of the joint probe's scan: ``"float32"``, or ``"bfloat16"`` (a bfloat16 copy of
+            the lists scored with MKL's bfloat16 GEMM, the ``2 k`` best re-scored in float32; half the bytes read,
+            a second copy of the lists in memory; see :mod:`redrec.retrieval.ivf_joint`).
     """
 
     kind: IndexKind = "flat"
@@ -171,6 +174,7 @@ class IndexConfig:
     threads: int | None = None
     probe: Literal["per_vector", "joint"] = "per_vector"
     user_nprobe: int | None = None
+    joint_precision: Literal["float32", "bfloat16"] = "float32"
 
     def validate(self, source: str | None = None) -> None:
         """Raise :class:`~redrec.errors.ConfigError` naming the first bad field."""
@@ -189,6 +193,11 @@ class IndexConfig:
         if self.probe == "joint" and self.kind != "ivf_flat":
             raise ConfigError(src, "probe", f"'joint' probing needs kind 'ivf_flat' (this index is {self.kind!r}); "
                               "use probe='per_vector'")
+        if self.joint_precision not in ("float32", "bfloat16"):
+            raise ConfigError(src, "joint_precision", f"must be 'float32' or 'bfloat16', got {self.joint_precision!r}")
+        if self.joint_precision != "float32" and self.probe != "joint":
+            raise ConfigError(src, "joint_precision", f"{self.joint_precision!r} applies to probe='joint' only "
+                              f"(this index probes {self.probe!r})")
         for name in ("nlist", "pq_m", "train_size", "threads", "user_nprobe"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -493,7 +502,7 @@ class Index:
 
     def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None,
                           threads: int | None = None, probe: str | None = None,
-                          user_nprobe: int | None = None) -> None:
+                          user_nprobe: int | None = None, joint_precision: str | None = None) -> None:
         """Change search-time settings (kept in :attr:`config` and saved).
 
         Args:
@@ -502,6 +511,7 @@ class Index:
             threads: OpenMP threads for later FAISS calls (any kind; 1 is best for single queries; 0 = back to
                 FAISS's default, all cores).
             probe: ``"per_vector"`` or ``"joint"`` (``ivf_flat`` only; see :class:`IndexConfig`).
+            joint_precision: ``"float32"`` or ``"bfloat16"`` (joint probe only; see :class:`IndexConfig`).
             user_nprobe: lists per user of the joint probe (0 = back to ``4 * nprobe``).
         """
         c = self._config
@@ -513,8 +523,15 @@ class Index:
                                   ef_search=c.ef_search if ef_search is None else ef_search,
                                   threads=c.threads if threads is None else (threads or None),
                                   probe=c.probe if probe is None else probe,
+                                  joint_precision=c.joint_precision if joint_precision is None else joint_precision,
                                   user_nprobe=c.user_nprobe if user_nprobe is None else (user_nprobe or None))
         new.validate()
+        if new.joint_precision == "bfloat16":
+            from redrec.retrieval.ivf_joint import bf16_available
+
+            if not bf16_available():
+                raise ConfigError(_SOURCE, "joint_precision", "'bfloat16' needs MKL's bfloat16 GEMM, which torch's "
+                                  "x86-64 builds bundle and this one does not; use 'float32'")
         self._config = new
         if self._index is not None:
             self._apply_search_params()
@@ -638,7 +655,7 @@ class Index:
         if self._config.probe == "joint":
             ex = [np.asarray(e, dtype=np.int64) for e in exc] if exclude is not None and elens.any() else None
             return self._joint_index().search(_normalized(q), k, self._config.resolved_user_nprobe(), ex,
-                                              threads=self._config.threads)
+                                              threads=self._config.threads, precision=self._config.joint_precision)
         q = _normalized(q).reshape(B * K, d)
         if exclude is not None and self.kind in _IVF_KINDS and elens.any():
             # IVF: each user's exclusion list filters its own scan (FAISS IDSelector), so k' = k, not k + |excl|

@@ -19,10 +19,20 @@ the lower item id first among equal scores; missing slots are id ``-1`` / score 
 The lists are copied out of the FAISS ``IndexIVFFlat`` once (:meth:`JointIVF.from_faiss`) into one contiguous
 ``[N, d]`` float32 array ordered by list (``4 d + 8`` bytes per item again: the FAISS index is kept for saving and
 for the per-vector search).  The scan runs in numba (``nogil``), users split over ``threads`` worker threads.
+
+``precision="bfloat16"`` scans a bfloat16 copy of the lists (``2 d`` more bytes per item) with MKL's
+``gemm_bf16bf16f32`` (the MKL inside torch's x86-64 builds; AMX / AVX512-BF16 where the CPU has them), the queries
+rounded to bfloat16 too, keeping the ``2 k`` best candidates by those scores; the candidates are then re-scored in
+float32 from the float32 lists and the best ``k`` returned, so returned scores are the float32 ones.  Scores of
+items off by the rounding (at most ~1e-3 for unit vectors) can change which items reach the ``2 k`` candidates.
+Measured here on the serving benchmark's lists (1M items, 4,000 lists, 64 per user, 9 vectors): the scoring of 8
+users' lists took 2.0 ms instead of 3.7 ms on one thread.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import queue
 import threading
@@ -40,6 +50,9 @@ _FASTMATH = {"nnan", "nsz", "reassoc", "contract"}  # the dot products may be re
 # builds); those threads busy-wait after each call and take the cores from the scan's own threads, so every
 # product here stays below that size.
 _BLAS_SINGLE_THREAD_MNK = 65536 * 4
+
+# the bfloat16 scan keeps this many times k candidates for the float32 re-scoring
+_BF16_CANDIDATES = 2
 
 
 @njit(nogil=True, fastmath=_FASTMATH, cache=True)
@@ -153,6 +166,121 @@ def _joint_scan(q, lists, n_lists, codes, ids, offsets, k, exc_ptr, exc_ids, mar
                 mark[e] = 0
 
 
+@functools.cache
+def _mkl() -> tuple[Any, Any] | None:
+    """``(gemm_bf16bf16f32_, MKL_Set_Num_Threads_Local)`` of the MKL bundled with torch, or ``None`` (no such build,
+    e.g. torch for ARM).  Both are plain C functions called through ctypes (from numba for the GEMM)."""
+    try:
+        import torch
+
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        gemm = lib.gemm_bf16bf16f32_
+        local_threads = lib.MKL_Set_Num_Threads_Local
+    except (ImportError, OSError, AttributeError):
+        return None
+    gemm.argtypes = [ctypes.c_int64] * 13  # Fortran interface: every argument by address
+    gemm.restype = None
+    local_threads.argtypes = [ctypes.c_int]
+    local_threads.restype = ctypes.c_int
+    return gemm, local_threads
+
+
+def bf16_available() -> bool:
+    """Whether the bfloat16 joint scan can run here (MKL's bfloat16 GEMM found in torch's library)."""
+    return _mkl() is not None
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16, round to nearest even; torch's conversion)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16)
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+@functools.cache
+def _bf16_kernel() -> Callable[..., None]:
+    """The bfloat16 scan (compiled on first use; not cached on disk: it calls MKL through a process address)."""
+    mkl = _mkl()
+    if mkl is None:
+        raise RuntimeError("the bfloat16 joint scan needs MKL's gemm_bf16bf16f32 (torch's x86-64 builds bundle it)")
+    gemm = mkl[0]
+
+    @njit(nogil=True, fastmath=_FASTMATH)
+    def scan(q, q16, lists, n_lists, codes16, codes, ids, offsets, k, k2, exc_ptr, exc_ids, mark, dots,
+             out_i, out_s):  # pragma: no cover - compiled
+        """As :func:`_joint_scan` (all ``K`` vectors score every list), in two passes: bfloat16 scores of the lists
+        (``q16`` ``[B, K, d]`` and ``codes16`` uint16 bit patterns, one MKL GEMM per list into ``dots``) keep the
+        ``k2`` best rows, which are re-scored in float32 (``q``, ``codes``) for the top ``k``."""
+        B, K, d = q.shape
+        n_items = mark.size
+        hs = np.empty(k2, np.float32)
+        hr = np.empty(k2, np.int64)
+        fs = np.empty(k, np.float32)
+        fi = np.empty(k, np.int64)
+        ints = np.empty(6, np.int32)  # M, N, K, lda, ldb, ldc of the Fortran call
+        flts = np.array([1.0, 0.0], np.float32)  # alpha, beta
+        chars = np.array([78, 78], np.uint8)  # "N", "N"
+        ip, fp, cp = ints.ctypes.data, flts.ctypes.data, chars.ctypes.data
+        for b in range(B):
+            for j in range(exc_ptr[b], exc_ptr[b + 1]):
+                e = exc_ids[j]
+                if 0 <= e < n_items:
+                    mark[e] = 1
+            qT16 = np.ascontiguousarray(q16[b].T)  # [d, K]: column-major [K, d]
+            n = 0
+            for p in range(n_lists[b]):
+                lst = lists[b, p]
+                a0 = offsets[lst]
+                m = offsets[lst + 1] - a0
+                if m == 0:
+                    continue
+                # column-major: dots^T [K, m] = qT16^T [K, d] x codes16[a0:a0 + m]^T [d, m]
+                ints[0] = K
+                ints[1] = m
+                ints[2] = d
+                ints[3] = K
+                ints[4] = d
+                ints[5] = K
+                gemm(cp, cp + 1, ip, ip + 4, ip + 8, fp, qT16.ctypes.data, ip + 12,
+                     codes16.ctypes.data + a0 * d * 2, ip + 16, fp + 4, dots.ctypes.data, ip + 20)
+                for j in range(m):
+                    s = dots[j, 0]
+                    for kk in range(1, K):
+                        if dots[j, kk] > s:
+                            s = dots[j, kk]
+                    if n == k2 and s < hs[0]:
+                        continue
+                    if mark[ids[a0 + j]] != 0:
+                        continue
+                    n = _push(hs, hr, n, k2, s, a0 + j)
+            # float32 re-scoring of the candidates, best k by (score, lower id)
+            nf = 0
+            for t in range(n):
+                r = hr[t]
+                best = -np.inf
+                for kk in range(K):
+                    acc = np.float32(0.0)
+                    for c in range(d):
+                        acc += q[b, kk, c] * codes[r, c]
+                    if acc > best:
+                        best = acc
+                nf = _push(fs, fi, nf, k, np.float32(best), ids[r])
+            m = nf
+            while m > 0:
+                out_s[b, m - 1] = fs[0]
+                out_i[b, m - 1] = fi[0]
+                m -= 1
+                if m > 0:
+                    _sift_down(fs, fi, m, fs[m], fi[m])
+            for j in range(exc_ptr[b], exc_ptr[b + 1]):
+                e = exc_ids[j]
+                if 0 <= e < n_items:
+                    mark[e] = 0
+
+    return scan
+
+
 class _Workers:
     """``n`` persistent daemon threads, each with its own queue: :meth:`run` hands task ``i`` to thread ``i`` (the
     caller runs the last one) and waits for all.  (A ``ThreadPoolExecutor`` reuses one idle worker for tasks
@@ -220,6 +348,8 @@ class JointIVF:
         self.n_items = int(n_items)
         sizes = np.diff(offsets)
         self._max_list = int(sizes.max()) if len(sizes) else 0
+        self.codes16: np.ndarray | None = None  # bfloat16 bit patterns of ``codes``, made on first bfloat16 search
+        self._codes16_lock = threading.Lock()
         self._local = threading.local()
         self._workers: _Workers | None = None
         self._workers_lock = threading.Lock()
@@ -250,8 +380,9 @@ class JointIVF:
         return int(self.centroids.shape[0])
 
     def memory_bytes(self) -> int:
-        """Bytes held by the copied lists and centroids."""
-        return int(self.codes.nbytes + self.ids.nbytes + self.offsets.nbytes + self.centroids.nbytes)
+        """Bytes held by the copied lists (float32, and bfloat16 once made) and centroids."""
+        extra = self.codes16.nbytes if self.codes16 is not None else 0
+        return int(self.codes.nbytes + self.ids.nbytes + self.offsets.nbytes + self.centroids.nbytes + extra)
 
     def probe(self, q: np.ndarray, user_nprobe: int) -> np.ndarray:
         """int64 ``[B, P]`` lists to scan per user (``P = min(user_nprobe, nlist)``), in memory order: the best
@@ -300,9 +431,12 @@ class JointIVF:
             self._workers_lock.release()
 
     def search(self, q: np.ndarray, k: int, user_nprobe: int, exclude: list[np.ndarray] | None = None,
-               threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               threads: int | None = None, precision: str = "float32") -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` per user of unit ``q`` ``[B, K, d]`` (float32, C order); ``exclude``: per user, item ids never
-        returned.  Returns ``(ids int64 [B, k], scores float32 [B, k])``, padded with ``-1`` / ``-inf``."""
+        returned; ``precision``: ``float32`` or ``bfloat16`` (see the module docstring).  Returns
+        ``(ids int64 [B, k], scores float32 [B, k])``, padded with ``-1`` / ``-inf``."""
+        if precision not in ("float32", "bfloat16"):
+            raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
         q = np.ascontiguousarray(q, dtype=np.float32)
         B = q.shape[0]
         out_i = np.full((B, k), -1, dtype=np.int64)
@@ -317,11 +451,25 @@ class JointIVF:
         else:
             exc = np.zeros(0, dtype=np.int64)
         n_threads = max(1, min(int(threads or os.cpu_count() or 1), B))
+        if precision == "bfloat16":
+            kernel = _bf16_kernel()
+            codes16 = self._codes16()
+            q16 = to_bf16(q)
+            set_local_threads = _mkl()[1]  # type: ignore[index]
 
         def run(u0: int, u1: int) -> None:  # each thread ranks the lists of its own users, then scans them
             mark, dots, scratch = self._scratch(q.shape[1])
             lists = self.probe(q[u0:u1], user_nprobe)
             n_lists = np.full(u1 - u0, lists.shape[1], dtype=np.int64)
+            if precision == "bfloat16":
+                set_local_threads(1)  # this thread's MKL calls on one thread (they are per-list products)
+                loc = self._local
+                if getattr(loc, "dots16", None) is None or loc.dots16.shape[1] != q.shape[1]:
+                    loc.dots16 = np.empty((max(1, self._max_list), q.shape[1]), dtype=np.float32)
+                kernel(q[u0:u1], q16[u0:u1], lists, n_lists, codes16, self.codes, self.ids, self.offsets, int(k),
+                       int(min(_BF16_CANDIDATES * k, self.n_items) or 1), ptr[u0:u1 + 1] - ptr[u0],
+                       exc[ptr[u0]:ptr[u1]], mark, loc.dots16, out_i[u0:u1], out_s[u0:u1])
+                return
             _joint_scan(q[u0:u1], lists, n_lists, self.codes, self.ids, self.offsets, int(k),
                         ptr[u0:u1 + 1] - ptr[u0], exc[ptr[u0]:ptr[u1]], mark, dots, scratch, out_i[u0:u1],
                         out_s[u0:u1], len(dots))
@@ -329,6 +477,16 @@ class JointIVF:
         bounds = np.linspace(0, B, n_threads + 1).astype(int)
         self._run([lambda a=int(a), b=int(b): run(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a])
         return out_i, out_s
+
+    def _codes16(self) -> np.ndarray:
+        """The bfloat16 copy of the lists (made once, in chunks: no float32 temporary of the whole array)."""
+        with self._codes16_lock:
+            if self.codes16 is None:
+                out = np.empty(self.codes.shape, dtype=np.uint16)
+                for a in range(0, len(out), 1 << 18):
+                    out[a : a + (1 << 18)] = to_bf16(self.codes[a : a + (1 << 18)])
+                self.codes16 = out
+            return self.codes16
 
     def close(self) -> None:
         """Stop the worker threads (a later search starts them again)."""

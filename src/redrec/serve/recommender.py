@@ -264,6 +264,7 @@ class Recommender:
         item_embeddings: str | Path | None = None, device: str = "cpu", reuse: Recommender | None = None,
         engine_config: Any = None, warmup: bool = True, precision: str = "float32", search_threads: int = 0,
         index_probe: str = "per_vector", index_nprobe: int | None = None, compile: bool = False,
+        index_precision: str = "float32",
     ) -> Recommender:
         """Load a training run for serving.
 
@@ -292,6 +293,8 @@ class Recommender:
                 ``benchmarks/bench_joint_probe.py``).
             index_nprobe: lists scanned per user (``joint``) or per vector (``per_vector``); ``None`` = the
                 index's saved setting (``joint``: 4 x its ``nprobe``).
+            index_precision: ``float32`` or ``bfloat16``: the joint probe's scan on a bfloat16 copy of the lists,
+                candidates re-scored in float32 (:mod:`redrec.retrieval.ivf_joint`; ``joint`` only).
             compile: run the user tower through ``torch.compile`` (inductor with freezing and its C++ wrapper,
                 dynamic shapes; needs a C++ compiler).  :meth:`user_vectors` of 8 users of the default model here:
                 6.6 -> 4.8 ms in float32, 3.6 ms with ``bfloat16``; compiled once at load (``warmup``: ~25-60 s).
@@ -328,6 +331,11 @@ class Recommender:
         else:
             vecs = all_item_vectors(model, st, device=device)
         idx = None
+        if index_precision not in ("float32", "bfloat16"):
+            raise ConfigError("serving", "index_precision", f"must be float32 or bfloat16, got {index_precision!r}")
+        if index_precision != "float32" and (not index or index_probe != "joint"):
+            raise ConfigError("serving", "index_precision", f"{index_precision} applies to the joint probe of an "
+                              "ivf_flat index only (--index INDEX --index-probe joint)")
         if index:
             from redrec.retrieval.index import IVF_KINDS, load_index
 
@@ -345,9 +353,9 @@ class Recommender:
                 if idx.kind != "ivf_flat":
                     raise ConfigError("serving", "index_probe", f"joint probing needs an ivf_flat index (this one is "
                                       f"{idx.kind}); use per_vector")
-                idx.set_search_params(probe="joint", user_nprobe=index_nprobe)
+                idx.set_search_params(probe="joint", user_nprobe=index_nprobe, joint_precision=index_precision)
             else:
-                idx.set_search_params(probe="per_vector", nprobe=index_nprobe)
+                idx.set_search_params(probe="per_vector", nprobe=index_nprobe, joint_precision="float32")
             threads = int(search_threads) or ((os.cpu_count() or 1) if probe == "joint" else 1)
             idx.set_search_params(threads=threads)
             if idx.dim != d:
@@ -359,7 +367,8 @@ class Recommender:
                    "index": str(Path(index).resolve()) if index else None,
                    "item_embeddings": str(Path(item_embeddings).resolve()) if item_embeddings else None,
                    "device": device, "precision": precision, "search_threads": int(search_threads),
-                   "index_probe": index_probe, "index_nprobe": index_nprobe, "compile": bool(compile)}
+                   "index_probe": index_probe, "index_nprobe": index_nprobe, "compile": bool(compile),
+                   "index_precision": index_precision}
         version = f"{(run_dir or model_dir).name}@{sha[:12]}"
         rec = cls(model, st, tc.mixing, tc.features, vecs, index=idx, subsets=subsets, model_version=version,
                   sources=sources, engine_config=engine_config, precision=precision, compile=compile)
@@ -393,7 +402,8 @@ class Recommender:
         return Recommender.load(ckpt, cur["store"], index=idx, item_embeddings=emb, device=cur["device"], reuse=self,
                                 engine_config=self.pools[None].engine_config, precision=self.precision,
                                 search_threads=cur.get("search_threads", 0), index_probe=cur.get("index_probe", "per_vector"),
-                                index_nprobe=cur.get("index_nprobe"), compile=self.compiled)
+                                index_nprobe=cur.get("index_nprobe"), compile=self.compiled,
+                                index_precision=cur.get("index_precision", "float32") if idx else "float32")
 
     # -- shapes ----------------------------------------------------------------------------------------------------
     @property
