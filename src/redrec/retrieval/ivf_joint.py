@@ -462,13 +462,18 @@ class JointIVF:
             lists = self.probe(q[u0:u1], user_nprobe)
             n_lists = np.full(u1 - u0, lists.shape[1], dtype=np.int64)
             if precision == "bfloat16":
-                set_local_threads(1)  # this thread's MKL calls on one thread (they are per-list products)
                 loc = self._local
                 if getattr(loc, "dots16", None) is None or loc.dots16.shape[1] != q.shape[1]:
                     loc.dots16 = np.empty((max(1, self._max_list), q.shape[1]), dtype=np.float32)
-                kernel(q[u0:u1], q16[u0:u1], lists, n_lists, codes16, self.codes, self.ids, self.offsets, int(k),
-                       int(min(_BF16_CANDIDATES * k, self.n_items) or 1), ptr[u0:u1 + 1] - ptr[u0],
-                       exc[ptr[u0]:ptr[u1]], mark, loc.dots16, out_i[u0:u1], out_s[u0:u1])
+                # this thread's MKL calls on one thread (per-list products), then its previous setting again (the
+                # caller's thread may run torch next)
+                prev = set_local_threads(1)
+                try:
+                    kernel(q[u0:u1], q16[u0:u1], lists, n_lists, codes16, self.codes, self.ids, self.offsets,
+                           int(k), int(min(_BF16_CANDIDATES * k, self.n_items) or 1), ptr[u0:u1 + 1] - ptr[u0],
+                           exc[ptr[u0]:ptr[u1]], mark, loc.dots16, out_i[u0:u1], out_s[u0:u1])
+                finally:
+                    set_local_threads(prev)
                 return
             _joint_scan(q[u0:u1], lists, n_lists, self.codes, self.ids, self.offsets, int(k),
                         ptr[u0:u1 + 1] - ptr[u0], exc[ptr[u0]:ptr[u1]], mark, dots, scratch, out_i[u0:u1],
