@@ -121,6 +121,28 @@ def _push(hs, hi, n, k, s, i):  # pragma: no cover - compiled
     return n
 
 
+@njit(nogil=True, cache=True)
+def _pop_into(hs, hi, n, out_s, out_i):  # pragma: no cover - compiled
+    """Empty the min-heap ``hs/hi[:n]`` into ``out_s/out_i[:n]``, best first (worst popped first, filled from the
+    back)."""
+    m = n
+    while m > 0:
+        out_s[m - 1] = hs[0]
+        out_i[m - 1] = hi[0]
+        m -= 1
+        if m > 0:
+            _sift_down(hs, hi, m, hs[m], hi[m])
+
+
+@njit(nogil=True, cache=True)
+def _set_marks(mark, exc_ids, a, b, value):  # pragma: no cover - compiled
+    """``mark[e] = value`` for the item ids ``exc_ids[a:b]`` in range."""
+    for j in range(a, b):
+        e = exc_ids[j]
+        if 0 <= e < mark.size:
+            mark[e] = value
+
+
 @njit(nogil=True, fastmath=_FASTMATH, cache=True)
 def _joint_scan(q, lists, n_lists, codes, ids, offsets, k, exc_ptr, exc_ids, mark, dots, scratch,
                 out_i, out_s, step):  # pragma: no cover - compiled
@@ -129,14 +151,10 @@ def _joint_scan(q, lists, n_lists, codes, ids, offsets, k, exc_ptr, exc_ids, mar
     ``dots`` (``[step, K]``) and ``scratch`` (``[longest list]``) hold the dot products of ``step`` rows and one
     list's scores."""
     B = q.shape[0]
-    n_items = mark.size
     hs = np.empty(k, np.float32)
     hi = np.empty(k, np.int64)
     for b in range(B):
-        for j in range(exc_ptr[b], exc_ptr[b + 1]):
-            e = exc_ids[j]
-            if 0 <= e < n_items:
-                mark[e] = 1
+        _set_marks(mark, exc_ids, exc_ptr[b], exc_ptr[b + 1], 1)
         qT = np.ascontiguousarray(q[b].T)
         n = 0
         for p in range(n_lists[b]):
@@ -152,18 +170,8 @@ def _joint_scan(q, lists, n_lists, codes, ids, offsets, k, exc_ptr, exc_ids, mar
                 if mark[i] != 0:
                     continue
                 n = _push(hs, hi, n, k, s, i)
-        # pop the heap: worst first, so fill from the back (best first in the output)
-        m = n
-        while m > 0:
-            out_s[b, m - 1] = hs[0]
-            out_i[b, m - 1] = hi[0]
-            m -= 1
-            if m > 0:
-                _sift_down(hs, hi, m, hs[m], hi[m])
-        for j in range(exc_ptr[b], exc_ptr[b + 1]):
-            e = exc_ids[j]
-            if 0 <= e < n_items:
-                mark[e] = 0
+        _pop_into(hs, hi, n, out_s[b], out_i[b])
+        _set_marks(mark, exc_ids, exc_ptr[b], exc_ptr[b + 1], 0)
 
 
 @functools.cache
@@ -213,7 +221,6 @@ def _bf16_kernel() -> Callable[..., None]:
         (``q16`` ``[B, K, d]`` and ``codes16`` uint16 bit patterns, one MKL GEMM per list into ``dots``) keep the
         ``k2`` best rows, which are re-scored in float32 (``q``, ``codes``) for the top ``k``."""
         B, K, d = q.shape
-        n_items = mark.size
         hs = np.empty(k2, np.float32)
         hr = np.empty(k2, np.int64)
         fs = np.empty(k, np.float32)
@@ -223,10 +230,7 @@ def _bf16_kernel() -> Callable[..., None]:
         chars = np.array([78, 78], np.uint8)  # "N", "N"
         ip, fp, cp = ints.ctypes.data, flts.ctypes.data, chars.ctypes.data
         for b in range(B):
-            for j in range(exc_ptr[b], exc_ptr[b + 1]):
-                e = exc_ids[j]
-                if 0 <= e < n_items:
-                    mark[e] = 1
+            _set_marks(mark, exc_ids, exc_ptr[b], exc_ptr[b + 1], 1)
             qT16 = np.ascontiguousarray(q16[b].T)  # [d, K]: column-major [K, d]
             n = 0
             for p in range(n_lists[b]):
@@ -266,17 +270,8 @@ def _bf16_kernel() -> Callable[..., None]:
                     if acc > best:
                         best = acc
                 nf = _push(fs, fi, nf, k, np.float32(best), ids[r])
-            m = nf
-            while m > 0:
-                out_s[b, m - 1] = fs[0]
-                out_i[b, m - 1] = fi[0]
-                m -= 1
-                if m > 0:
-                    _sift_down(fs, fi, m, fs[m], fi[m])
-            for j in range(exc_ptr[b], exc_ptr[b + 1]):
-                e = exc_ids[j]
-                if 0 <= e < n_items:
-                    mark[e] = 0
+            _pop_into(fs, fi, nf, out_s[b], out_i[b])
+            _set_marks(mark, exc_ids, exc_ptr[b], exc_ptr[b + 1], 0)
 
     return scan
 
