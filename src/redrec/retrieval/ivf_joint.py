@@ -391,15 +391,15 @@ class JointIVF:
             top = np.broadcast_to(np.arange(self.nlist), (B, P))
         return np.sort(top, axis=1).astype(np.int64)
 
-    def _scratch(self, K: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per-thread (mark, dots, scores) scratch for ``K`` vectors per user; ``mark`` is left zeroed by the
-        kernel."""
+    def _scratch(self, K: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-thread (mark, dots ``[rows, K]``, scores) scratch for ``K`` vectors per user; ``mark`` is left
+        zeroed by the kernels."""
         loc = self._local
         if getattr(loc, "mark", None) is None or loc.mark.size < self.n_items:
             loc.mark = np.zeros(max(1, self.n_items), dtype=np.uint8)
             loc.scores = np.empty(max(1, self._max_list), dtype=np.float32)
-        if getattr(loc, "dots", None) is None or loc.dots.shape[1] != K:
-            loc.dots = np.empty((self._step(K), K), dtype=np.float32)
+        if getattr(loc, "dots", None) is None or loc.dots.shape != (rows, K):
+            loc.dots = np.empty((rows, K), dtype=np.float32)
         return loc.mark, loc.dots, loc.scores
 
     def _step(self, K: int) -> int:
@@ -452,21 +452,21 @@ class JointIVF:
             q16 = to_bf16(q)
             set_local_threads = _mkl()[1]  # type: ignore[index]
 
+        # rows of one product: a whole list (MKL, bfloat16), or chunks below OpenBLAS's multithreading size
+        rows = max(1, self._max_list) if precision == "bfloat16" else self._step(q.shape[1])
+
         def run(u0: int, u1: int) -> None:  # each thread ranks the lists of its own users, then scans them
-            mark, dots, scratch = self._scratch(q.shape[1])
+            mark, dots, scratch = self._scratch(q.shape[1], rows)
             lists = self.probe(q[u0:u1], user_nprobe)
             n_lists = np.full(u1 - u0, lists.shape[1], dtype=np.int64)
             if precision == "bfloat16":
-                loc = self._local
-                if getattr(loc, "dots16", None) is None or loc.dots16.shape[1] != q.shape[1]:
-                    loc.dots16 = np.empty((max(1, self._max_list), q.shape[1]), dtype=np.float32)
                 # this thread's MKL calls on one thread (per-list products), then its previous setting again (the
                 # caller's thread may run torch next)
                 prev = set_local_threads(1)
                 try:
                     kernel(q[u0:u1], q16[u0:u1], lists, n_lists, codes16, self.codes, self.ids, self.offsets,
                            int(k), int(min(_BF16_CANDIDATES * k, self.n_items) or 1), ptr[u0:u1 + 1] - ptr[u0],
-                           exc[ptr[u0]:ptr[u1]], mark, loc.dots16, out_i[u0:u1], out_s[u0:u1])
+                           exc[ptr[u0]:ptr[u1]], mark, dots, out_i[u0:u1], out_s[u0:u1])
                 finally:
                     set_local_threads(prev)
                 return
