@@ -720,3 +720,36 @@ def test_cli_serve_bad_arguments(env, tmp_path):
     assert r.exit_code == 2 and "history" in r.output
     r = runner.invoke(app, ["serve", "--checkpoint", str(env["run"] / "model")])
     assert r.exit_code == 2 and "run directory" in r.output
+
+
+def test_compile_without_a_working_cxx_compiler_is_a_clear_error(env, tmp_path, monkeypatch):
+    """--compile needs a C++ compiler: none at all is refused before anything is loaded, and one that fails
+    mid-compilation gives one line with the compiler's output (no inductor traceback), exit code 2 from the CLI."""
+    import torch._inductor.config as inductor_config
+    from typer.testing import CliRunner
+
+    from redrec.cli import app
+    from redrec.errors import ConfigError, RedrecError
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
+        Recommender.load(env["run"], compile=True)
+    assert time.perf_counter() - t0 < 5  # refused before loading or compiling
+    r = CliRunner().invoke(app, ["serve", "--checkpoint", str(env["run"]), "--compile"])
+    assert r.exit_code == 2 and "needs a C++ compiler" in r.output and "Traceback" not in r.output
+
+    # a model of its own shape: its kernels are compiled now (a model compiled earlier in this process would reuse
+    # the kernels already built)
+    run = tmp_path / "run"
+    cfg = tiny_train_config(env["store"], run, **{"model.user_tower.hidden_size": 24, "model.embed_dim": 12})
+    RedRec(resolve_model_config(cfg, env["st"])).eval().save_pretrained(run / "model")
+    save_yaml(cfg, run / "config.yaml")
+    fake = tmp_path / "fake-g++"  # answers --version, refuses to compile
+    fake.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo "g++ (fake) 12.2.0"; exit 0; fi\n'
+                    'echo "fake compiler refuses" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(fake)))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # no cached kernels to reuse
+    with pytest.raises(RedrecError, match="compiling the user tower .* failed: .*fake compiler refuses"):
+        Recommender.load(run, compile=True)

@@ -202,6 +202,32 @@ def scenario_items(store: EventStore, chunk: int = 1 << 24) -> dict[str, np.ndar
     return {s: np.flatnonzero(seen[i, :N]).astype(np.int64) for i, s in enumerate(store.scenarios)}
 
 
+def _check_compiler() -> None:
+    """``compile=True`` needs a C++ compiler (inductor builds the tower's kernels with it): a clear error now, not
+    a compiler search's traceback at the first forward."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+    except ImportError:  # another torch layout: the compilation itself reports
+        return
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler as e:
+        raise ConfigError("serving", "compile", f"torch.compile of the user tower needs a C++ compiler and none works "
+                          f"({e}); install one (e.g. apt install g++) or name it in CXX, or serve without "
+                          f"compiling (no --compile)") from None
+
+
+def _compile_failure(e: Exception) -> str:
+    """One line on a failed compilation: the error's first line, and the compiler's output when it has one."""
+    text = str(e).strip()
+    why = f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+    _, sep, output = text.partition("\nOutput:\n")  # inductor's C++ compile errors: Command, then Output
+    if sep:
+        why += f" (compiler output: {output.split('Set TORCHDYNAMO_VERBOSE')[0].strip()[:800]})"
+    return why
+
+
 def history_cap(mixing: Any) -> int:
     """Events per scenario a history store must keep so that :func:`redrec.mixing.mix` sees what it would see on the
     whole history: the sequence budget or the sum of the quotas, whichever is larger."""
@@ -301,10 +327,13 @@ class Recommender:
 
         Raises:
             DataError / ConfigError: missing or inconsistent files (model vs store, index size, embeddings of
-                another model).
+                another model); ``compile`` with no working C++ compiler (checked first).
+            RedrecError: ``compile``, and the compilation at warm-up failed (the compiler's output in the message).
         """
         import torch
 
+        if compile:
+            _check_compiler()  # before anything is loaded
         from redrec.embed import check_model_store, resolve_source
         from redrec.fileio import sha256_file
         from redrec.model.redrec import RedRec
@@ -373,7 +402,13 @@ class Recommender:
         rec = cls(model, st, tc.mixing, tc.features, vecs, index=idx, subsets=subsets, model_version=version,
                   sources=sources, engine_config=engine_config, precision=precision, compile=compile)
         if warmup:
-            rec.warmup()
+            try:
+                rec.warmup()
+            except Exception as e:
+                if compile and type(e).__module__.startswith("torch._"):  # inductor / dynamo: not the inputs
+                    raise RedrecError(f"compiling the user tower (compile=True, redrec serve --compile) failed: "
+                                      f"{_compile_failure(e)}; serve without compiling") from e
+                raise
         return rec
 
     def warmup(self) -> None:
