@@ -720,6 +720,11 @@ def test_cli_serve_bad_arguments(env, tmp_path):
     assert r.exit_code == 2 and "history" in r.output
     r = runner.invoke(app, ["serve", "--checkpoint", str(env["run"] / "model")])
     assert r.exit_code == 2 and "run directory" in r.output
+    r = runner.invoke(app, ["serve", "--checkpoint", str(env["run"]), "--device", "banana"])
+    assert r.exit_code == 2 and "'device': 'banana' is not a torch device" in r.output
+    if not torch.cuda.is_available():
+        r = runner.invoke(app, ["serve", "--checkpoint", str(env["run"]), "--device", "cuda"])
+        assert r.exit_code == 2 and "'cuda' requested but" in r.output
 
 
 def test_compile_without_a_working_cxx_compiler_is_a_clear_error(env, tmp_path, monkeypatch):

@@ -279,3 +279,26 @@ def test_grad_accum_equals_bigger_batch(store, tmp_path):
     _, g8_ib = _first_step(store, tmp_path / "b8ib", batch_size=8, **{"data.random_cutoff": 0.0})
     _, g4_ib = _first_step(store, tmp_path / "b4x2ib", batch_size=4, grad_accum=2, **{"data.random_cutoff": 0.0})
     assert abs(g4_ib - g8_ib) > 1e-3 * g8_ib
+
+
+def test_device_settings_are_checked(store, tmp_path):
+    """``resolve_device``: ``auto`` falls back to cpu; a bad string or a GPU this process cannot use is a
+    ConfigError naming the field (training, serving), before any work."""
+    from redrec.config import resolve_device
+    from redrec.errors import ConfigError
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="'device': 'banana' is not a torch device"):
+        resolve_device("banana")
+    if torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="GPU"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+        return
+    for spec in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match=f"'{spec}' requested but"):
+            resolve_device(spec)
+    cfg = tiny_train_config(store, tmp_path / "run", device="cuda", max_steps=1)
+    with pytest.raises(ConfigError, match="train config: field 'device'"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()  # nothing written

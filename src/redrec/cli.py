@@ -393,7 +393,7 @@ def serve_cmd(
     max_queue: int = typer.Option(256, "--max-queue", help="Most waiting requests; beyond, 503 with Retry-After."),
     max_history: int = typer.Option(10_000, "--max-history", help="Most events in an inline history (413 above)."),
     max_events: int = typer.Option(10_000, "--max-events", help="Most events per POST /v1/events (413 above)."),
-    device: str = typer.Option("cpu", "--device", help="Torch device of the user tower (cpu, cuda)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device of the user tower: cpu, cuda, cuda:N, or auto (cuda when a GPU is visible)."),
     precision: str = typer.Option("float32", "--precision", help="User tower compute: float32, or bfloat16 (autocast: weights stay float32; faster on CPUs with AMX / AVX512-BF16, e.g. 6.6 -> 6.2 ms for 8 users of the default model here, 3.6 ms with --compile)."),
     threads: int | None = typer.Option(None, "--threads", help="Torch threads of the user tower (default: all cores)."),
     compile_model: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the user tower (inductor with freezing; needs a C++ compiler; compiles for ~25-60 s at start-up; default model here: 6.6 -> 4.8 ms for 8 users in float32)."),

@@ -143,3 +143,30 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 def save_yaml(obj: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+def resolve_device(spec: str, source: str | Path | None = None, field: str = "device") -> Any:
+    """The ``torch.device`` of a device setting: ``auto`` (cuda when torch sees a GPU, else cpu), ``cpu``,
+    ``cuda`` / ``cuda:N`` or any other torch device string.
+
+    Raises:
+        ConfigError: not a device string, or a cuda / mps device this process cannot use (a torch without CUDA, no
+            GPU visible, an index past the GPUs) -- said here rather than as torch's traceback at first use.
+    """
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(source, field, f"{spec!r} is not a torch device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ConfigError(source, field, f"{spec!r} requested but {why}; use cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(source, field, f"{spec!r}: only {torch.cuda.device_count()} GPU(s) visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(source, field, f"{spec!r} requested but MPS is not available; use cpu (or auto)")
+    return dev

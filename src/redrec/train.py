@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from redrec.config import from_dict, load_config, save_yaml, to_dict
+from redrec.config import from_dict, load_config, resolve_device, save_yaml, to_dict
 from redrec.data.batching import TrainDataConfig, TrainExamples
 from redrec.data.store import EventStore
 from redrec.errors import ConfigError
@@ -447,7 +447,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg.validate()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device, "train config")
     distributed = _maybe_init_distributed(device)
     rank, world, local_rank = _dist_info()
     if device.type == "cuda":

@@ -301,7 +301,8 @@ class Recommender:
             index: a FAISS index directory (``redrec.retrieval.index``) over the store's items, row = item index;
                 ``None`` = the exact engine.
             item_embeddings: merged ``redrec embed items`` directory of this model; ``None`` = computed here.
-            device: torch device of the user tower.
+            device: torch device of the user tower (``cpu``, ``cuda``, ``cuda:N``, ``auto``: cuda when a GPU is
+                visible); one this process cannot use is a ConfigError before anything is loaded.
             reuse: a recommender on the same store: its store and scenario pools are reused (hot reload).
             engine_config: :class:`redrec.retrieval.engine.EngineConfig` of the exact engine.
             warmup: answer a dummy query per pool before returning (compiles the engine's kernels, so the first
@@ -330,10 +331,12 @@ class Recommender:
                 another model); ``compile`` with no working C++ compiler (checked first).
             RedrecError: ``compile``, and the compilation at warm-up failed (the compiler's output in the message).
         """
-        import torch
 
+        from redrec.config import resolve_device
+
+        torch_device = resolve_device(device, "serving")  # checked before anything is loaded
         if compile:
-            _check_compiler()  # before anything is loaded
+            _check_compiler()
         from redrec.embed import check_model_store, resolve_source
         from redrec.fileio import sha256_file
         from redrec.model.redrec import RedRec
@@ -351,14 +354,14 @@ class Recommender:
             st, subsets = reuse.store, reuse.subsets
         else:
             st, subsets = EventStore(store_path), None
-        model = RedRec.from_pretrained(model_dir).to(torch.device(device)).eval()
+        model = RedRec.from_pretrained(model_dir).to(torch_device).eval()
         check_model_store(model, st, users=True)
         sha = sha256_file(model_dir / "model.safetensors")
         d = int(model.cfg.embed_dim)
         if item_embeddings:
             vecs = _load_item_embeddings(item_embeddings, st, d, sha)
         else:
-            vecs = all_item_vectors(model, st, device=device)
+            vecs = all_item_vectors(model, st, device=torch_device)
         idx = None
         if index_precision not in ("float32", "bfloat16"):
             raise ConfigError("serving", "index_precision", f"must be float32 or bfloat16, got {index_precision!r}")
