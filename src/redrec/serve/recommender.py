@@ -331,7 +331,6 @@ class Recommender:
                 another model); ``compile`` with no working C++ compiler (checked first).
             RedrecError: ``compile``, and the compilation at warm-up failed (the compiler's output in the message).
         """
-
         from redrec.config import resolve_device
 
         torch_device = resolve_device(device, "serving")  # checked before anything is loaded
