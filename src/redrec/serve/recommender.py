@@ -333,9 +333,19 @@ class Recommender:
         """
         from redrec.config import resolve_device
 
-        torch_device = resolve_device(device, "serving")  # checked before anything is loaded
+        # the arguments, before anything is loaded
+        torch_device = resolve_device(device, "serving")
         if compile:
             _check_compiler()
+        if index_probe not in ("joint", "per_vector"):
+            raise ConfigError("serving", "index_probe", f"must be per_vector or joint, got {index_probe!r}")
+        if index_nprobe is not None and (isinstance(index_nprobe, bool) or int(index_nprobe) < 1):
+            raise ConfigError("serving", "index_nprobe", f"must be a positive integer, got {index_nprobe!r}")
+        if index_precision not in ("float32", "bfloat16"):
+            raise ConfigError("serving", "index_precision", f"must be float32 or bfloat16, got {index_precision!r}")
+        if index_precision != "float32" and (not index or index_probe != "joint"):
+            raise ConfigError("serving", "index_precision", f"{index_precision} applies to the joint probe of an "
+                              "ivf_flat index only (--index INDEX --index-probe joint)")
         from redrec.embed import check_model_store, resolve_source
         from redrec.fileio import sha256_file
         from redrec.model.redrec import RedRec
@@ -362,20 +372,11 @@ class Recommender:
         else:
             vecs = all_item_vectors(model, st, device=torch_device)
         idx = None
-        if index_precision not in ("float32", "bfloat16"):
-            raise ConfigError("serving", "index_precision", f"must be float32 or bfloat16, got {index_precision!r}")
-        if index_precision != "float32" and (not index or index_probe != "joint"):
-            raise ConfigError("serving", "index_precision", f"{index_precision} applies to the joint probe of an "
-                              "ivf_flat index only (--index INDEX --index-probe joint)")
         if index:
             from redrec.retrieval.index import IVF_KINDS, load_index
 
             idx = load_index(index)
             probe = index_probe
-            if probe not in ("joint", "per_vector"):
-                raise ConfigError("serving", "index_probe", f"must be per_vector or joint, got {index_probe!r}")
-            if index_nprobe is not None and (isinstance(index_nprobe, bool) or int(index_nprobe) < 1):
-                raise ConfigError("serving", "index_nprobe", f"must be a positive integer, got {index_nprobe!r}")
             if idx.kind not in IVF_KINDS:
                 if index_probe == "joint" or index_nprobe is not None:
                     raise ConfigError("serving", "index_probe" if index_probe == "joint" else "index_nprobe",
