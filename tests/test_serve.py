@@ -555,6 +555,18 @@ def test_bfloat16_and_compiled_user_tower(env):
         got = comp.user_vectors(batch)
         assert got.shape == (len(batch), *want.shape[1:]) and got.flags["C_CONTIGUOUS"]
         np.testing.assert_allclose(got, ref.user_vectors(batch), atol=2e-5)
+    # both: within rounding too, and frozen (inductor freezing: the linear layers' weights are cast and prepacked
+    # into constants of the compiled graph, so changing them afterwards does not change its output; unfrozen they
+    # are graph inputs, read at every call)
+    both = Recommender.load(env["run"], compile=True, precision="bfloat16")
+    got = both.user_vectors(hist)
+    assert (got * want).sum(-1).min() > 0.995
+    linears = [m for m in both.model.backbone.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears
+    with torch.no_grad():
+        for m in linears:
+            m.weight.mul_(-1.0)
+    np.testing.assert_array_equal(both.user_vectors(hist), got)
     with pytest.raises(Exception, match="precision"):
         Recommender.load(env["run"], precision="float8")
 
