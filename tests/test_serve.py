@@ -34,7 +34,7 @@ from redrec.model.redrec import RedRec
 from redrec.serve.app import ServeConfig, create_app
 from redrec.serve.batcher import BatcherClosed, MicroBatcher, QueueFull
 from redrec.serve.history import events_from_store, open_history_store
-from redrec.serve.recommender import Recommender
+from redrec.serve.recommender import Recommendation, Recommendations, Recommender
 from redrec.train import resolve_model_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,6 +151,13 @@ def test_events_then_recommend(server, env):
     direct = rec.recommend([events_from_store(st, 0)], k=50)[0]
     assert ids == [x.id for x in direct]
     np.testing.assert_allclose(scores, [x.score for x in direct], atol=1e-6)
+    # the column-wise result list: a sequence of Recommendation, sliced, compared and turned into the JSON items
+    assert isinstance(direct, Recommendations) and len(direct) == 50 and isinstance(direct[-1], Recommendation)
+    assert direct[-1] == (ids[-1], int(st.item_index([ids[-1]])[0]), direct.scores[-1], direct.interests[-1],
+                          rec.query_scenarios[direct.interests[-1]])
+    assert isinstance(direct[:5], Recommendations) and direct[:5] == list(direct)[:5] and direct[:5] != direct[:4]
+    assert direct.as_dicts()[:5] == [{"id": x.id, "score": x.score, "interest": x.interest,
+                                      "interest_scenario": x.interest_scenario} for x in direct[:5]]
 
     # the winning interest really is the argmax over K
     vec = np.asarray(c.post("/v1/embed/user", json={"user": "alice"}).json()["vectors"])

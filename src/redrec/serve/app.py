@@ -504,9 +504,8 @@ class _Observe:
 
 def _recommend_body(ans: Answer) -> dict:
     """The ``POST /v1/recommend`` response of an answer (:class:`RecommendResponse`)."""
-    return {"items": [{"id": r.id, "score": r.score, "interest": r.interest, "interest_scenario": r.interest_scenario}
-                      for r in ans.items or []],
-            "model_version": ans.model_version, "n_history": ans.n_history}
+    return {"items": ans.items.as_dicts() if ans.items is not None else [], "model_version": ans.model_version,
+            "n_history": ans.n_history}
 
 
 def create_app(recommender: Recommender, history: HistoryStore, config: ServeConfig | None = None, *,

@@ -3,7 +3,8 @@
     rec = Recommender.load("runs/r1")                     # model + the run's store + exact engine
     rec = Recommender.load("runs/r1", index="runs/r1/items.index", item_embeddings="runs/r1/emb-items")
     vecs = rec.user_vectors([events_a, events_b])         # float32 [B, K, d] unit interest vectors
-    lists = rec.recommend([events_a], k=10, scenario="ads")   # [[Recommendation(id, score, interest, ...)]]
+    lists = rec.recommend([events_a], k=10, scenario="ads")   # per history: Recommendations (a sequence of
+                                                              # Recommendation(id, index, score, interest, ...))
 
 Inputs are built exactly as in training and evaluation: history events (:class:`redrec.serve.history.Event`,
 oldest first) -> :func:`redrec.serve.history.to_user_events` (item ids to store indices; events of items the
@@ -14,7 +15,7 @@ timestamp** unless the caller gives one: the ``latest`` case of ``redrec embed u
 history always gives the same vectors).  An empty history is valid: the model then runs on its queries alone.
 
 Scores: ``score(item) = max_k cos(u_k, v_item)`` over the K interest vectors; ``interest`` is the k that attains the
-max (argmax over K in float64; the lowest k on a tie) and ``interest_scenario`` the scenario of that query.
+max (argmax over K of the float32 cosines; the lowest k on a tie) and ``interest_scenario`` the scenario of that query.
 
 Candidate pools: all items (the FAISS index given with ``index=``, else the exact engine
 :func:`redrec.retrieval.engine.search` over the item vectors), and per scenario the items seen in that scenario in
@@ -30,7 +31,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import numpy as np
 
@@ -48,7 +49,7 @@ from redrec.serve.history import (
 
 
 class Recommendation(NamedTuple):
-    """One recommended item (a named tuple: hundreds are made per request).
+    """One recommended item (what indexing or iterating :class:`Recommendations` gives).
 
     Attributes:
         id: the store's external item id.
@@ -64,6 +65,54 @@ class Recommendation(NamedTuple):
     score: float
     interest: int
     interest_scenario: str
+
+
+class Recommendations(Sequence[Recommendation]):
+    """One user's recommendations, best first, kept column by column: a sequence of :class:`Recommendation` made
+    on access, so the service writes its JSON answer (:meth:`as_dicts`) without one Python object per item first
+    (800 named tuples per batch of 8 x 100 items took ~0.5 ms of the batch's ~10 ms).
+
+    Attributes:
+        ids: external item ids; ``indices``: store item indices; ``scores``: as :attr:`Recommendation.score`;
+        ``interests``: the winning interest of each item; ``query_scenarios``: the scenario of each interest.
+    """
+
+    __slots__ = ("ids", "indices", "scores", "interests", "query_scenarios")
+
+    def __init__(self, ids: list[str], indices: list[int], scores: list[float], interests: list[int],
+                 query_scenarios: Sequence[str]):
+        self.ids, self.indices, self.scores, self.interests = ids, indices, scores, interests
+        self.query_scenarios = query_scenarios
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, i: int) -> Recommendation: ...
+    @overload
+    def __getitem__(self, i: slice) -> Recommendations: ...
+    def __getitem__(self, i: int | slice) -> Recommendation | Recommendations:
+        if isinstance(i, slice):
+            return Recommendations(self.ids[i], self.indices[i], self.scores[i], self.interests[i],
+                                   self.query_scenarios)
+        w = self.interests[i]
+        return Recommendation(self.ids[i], self.indices[i], self.scores[i], w, self.query_scenarios[w])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Recommendations({list(self)!r})"
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        """``[{"id", "score", "interest", "interest_scenario"}, ...]``: the items of a ``/v1/recommend`` answer."""
+        scen = self.query_scenarios
+        return [{"id": i, "score": s, "interest": w, "interest_scenario": scen[w]}
+                for i, s, w in zip(self.ids, self.scores, self.interests, strict=True)]
 
 
 @dataclass
@@ -134,7 +183,7 @@ class Answer:
     """
 
     vectors: np.ndarray
-    items: list[Recommendation] | None
+    items: Recommendations | None
     n_history: int
     n_given: int
     model_version: str
@@ -540,7 +589,7 @@ class Recommender:
             raise ConfigError("request", "scenario", f"unknown scenario {scenario!r}; this store has {self.scenarios}")
 
     def retrieve(self, vectors: np.ndarray, k: int | Sequence[int], scenario: str | None | Sequence[str | None] = None,
-                 exclude: Sequence[np.ndarray] | None = None) -> list[list[Recommendation]]:
+                 exclude: Sequence[np.ndarray] | None = None) -> list[Recommendations]:
         """The best items of ``B`` users: one search per distinct scenario pool among the rows.
 
         Args:
@@ -552,7 +601,7 @@ class Recommender:
         B = len(vectors)
         ks = [int(k)] * B if isinstance(k, (int, np.integer)) else [int(x) for x in k]
         scens = [scenario] * B if scenario is None or isinstance(scenario, str) else list(scenario)
-        out: list[list[Recommendation]] = [[] for _ in range(B)]
+        out = [Recommendations([], [], [], [], self.query_scenarios) for _ in range(B)]
         groups: dict[str | None, list[int]] = {}
         for r, s in enumerate(scens):
             self.check_scenario(s)
@@ -566,26 +615,26 @@ class Recommender:
                 out[r] = items[: ks[r]]
         return out
 
-    def _items(self, users: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> list[list[Recommendation]]:
-        """Result lists of ``B`` users (``[B, K, d]`` vectors, ``[B, k]`` ids / scores, -1 = no item): the winning
-        interest of each item is the argmax over K of the float64 cosines (one batched product)."""
+    def _items(self, users: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> list[Recommendations]:
+        """Result lists of ``B`` users (``[B, K, d]`` unit vectors, ``[B, k]`` ids / scores, -1 = no item): the
+        winning interest of each item is the argmax over K of the float32 cosines (one batched product)."""
         ok = ids >= 0
         safe = np.where(ok, ids, 0)
-        q = np.asarray(users, np.float64)
-        q /= np.maximum(np.linalg.norm(q, axis=2, keepdims=True), 1e-300)
-        v = np.asarray(self.item_vectors[safe], np.float64)  # [B, k, d]
-        which = np.einsum("bkd,bjd->bkj", q, v).argmax(axis=1)  # [B, k] interest per item
+        v = self.item_vectors[safe]  # [B, k, d]
+        which = np.matmul(v, np.asarray(users, np.float32).transpose(0, 2, 1)).argmax(axis=2)  # [B, k]
         names = self.store.item_ids[safe]
-        scen = self.query_scenarios
         out = []
         for b in range(len(ids)):
-            j = np.flatnonzero(ok[b])
-            out.append([Recommendation(str(nm), i, sc, w, scen[w]) for nm, i, sc, w in zip(
-                names[b, j].tolist(), ids[b, j].tolist(), scores[b, j].tolist(), which[b, j].tolist(), strict=True)])
+            j = np.flatnonzero(ok[b]) if not ok[b].all() else slice(None)
+            nm = names[b, j].tolist()
+            if nm and not isinstance(nm[0], str):
+                nm = [str(x) for x in nm]
+            out.append(Recommendations(nm, ids[b, j].tolist(), scores[b, j].tolist(), which[b, j].tolist(),
+                                       self.query_scenarios))
         return out
 
     def recommend(self, histories: Sequence[Sequence[Event] | UserInput], k: int = 10, scenario: str | None = None,
-                  exclude_seen: bool = True, t_now: int | None = None) -> list[list[Recommendation]]:
+                  exclude_seen: bool = True, t_now: int | None = None) -> list[Recommendations]:
         """``k`` items per history: :meth:`user_vectors` then :meth:`retrieve` (history items excluded when
         ``exclude_seen``)."""
         self.check_scenario(scenario)
