@@ -582,10 +582,28 @@ def test_joint_probe_bfloat16_scan_rescored_in_float32(tmp_path, joint_data):
     np.testing.assert_allclose(scores, want, atol=2e-6)  # float32 scores, not bfloat16-rounded ones (~1e-3 off)
     assert (np.diff(scores, axis=1) <= 0).all()
     assert not any(set(r) & set(e.tolist()) for r, e in zip(ids.tolist(), d["seen"], strict=True))
+    # the winning vector of each returned item, from the float32 re-scoring (-1 where no item); the float32 scan
+    # does not compute it (all -1)
+    which = np.full((len(ids), 20), 7, np.int64)
+    index.search(d["users"], 20, exclude=d["seen"], interests=which)
+    cos = unit(d["users"]) @ d["items"][np.maximum(ids, 0)].transpose(0, 2, 1)  # [B, K, 20]
+    assert (which == cos.argmax(axis=1)).mean() > 0.99 and (which >= 0).all()
     index.set_search_params(threads=2)
-    assert np.array_equal(index.search(d["users"], 20, exclude=d["seen"])[0], ids)
+    w2 = np.empty_like(which)
+    assert np.array_equal(index.search(d["users"], 20, exclude=d["seen"], interests=w2)[0], ids)
+    assert np.array_equal(w2, which)
     big_ids, big_scores = index.search(d["users"][:2], 5000)  # more than the probed lists hold: padded
     assert (big_ids[:, -1] == -1).all() and np.isneginf(big_scores[:, -1]).all()
+    big_w = np.empty((2, 5000), np.int64)
+    index.search(d["users"][:2], 5000, interests=big_w)
+    assert ((big_w >= 0) == (big_ids >= 0)).all()
+    with pytest.raises(ValueError, match="interests"):
+        index.search(d["users"][:2], 5, interests=np.empty((2, 4), np.int64))
+    index.set_search_params(joint_precision="float32")
+    no_w = np.zeros((2, 5), np.int64)
+    index.search(d["users"][:2], 5, interests=no_w)
+    assert (no_w == -1).all()
+    index.set_search_params(joint_precision="bfloat16")
     back = load_index(index.save(tmp_path / "bf16"))
     assert back.config.joint_precision == "bfloat16"
     assert np.array_equal(back.search(d["users"], 20, exclude=d["seen"])[0], ids)

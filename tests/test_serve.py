@@ -532,6 +532,8 @@ def test_joint_probe_ivf_index(env):
         c16 = r16.recommend(hist, k=10)
         assert [[x.id for x in r] for r in c16] == [[x.id for x in r] for r in c]
         np.testing.assert_allclose([[x.score for x in r] for r in c16], [[x.score for x in r] for r in c], atol=1e-5)
+        # the winning interest: from the bfloat16 scan's float32 re-scoring, from a product over the items for c
+        assert [[x.interest for x in r] for r in c16] == [[x.interest for x in r] for r in c]
         assert r16.reload().pools[None].index.config.joint_precision == "bfloat16"
     per = Recommender.load(env["run"], index=ivf, item_embeddings=emb, index_nprobe=3)
     assert per.pools[None].index.config.probe == "per_vector" and per.pools[None].index.config.nprobe == 3

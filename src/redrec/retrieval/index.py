@@ -616,13 +616,15 @@ class Index:
     # ---- search -----------------------------------------------------------------------------------------------
     def search(self, queries: Any, k: int,
                exclude: np.ndarray | Sequence[np.ndarray] | Sequence[Sequence[int]] | None = None,
-               ) -> tuple[np.ndarray, np.ndarray]:
+               interests: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best items per user, best first.
 
         Args:
             queries: ``[B, d]`` (one vector per user) or ``[B, K, d]`` (K interest vectors; score = max over K).
             k: list length (>= 1); slots beyond what the index finds are padded.
             exclude: per user, item ids never returned (ragged list or ``[B, E]`` padded with -1).
+            interests: an int64 ``[B, k]`` array for the winning vector of each returned item: filled by the
+                joint probe's bfloat16 scan (which computes it anyway), else with -1 (not computed).
 
         Returns:
             ``(ids int64 [B, k], scores float32 [B, k])``; score = (max over K) cosine, approximate for
@@ -646,6 +648,11 @@ class Index:
         out_i = np.full((B, k), -1, dtype=np.int64)
         out_s = np.full((B, k), -np.inf, dtype=np.float32)
         n_items = self.ntotal
+        if interests is not None:
+            if interests.shape != (B, k) or interests.dtype != np.int64:
+                raise ValueError(f"interests must be an int64 array of shape {(B, k)}, got {interests.dtype} "
+                                 f"{interests.shape}")
+            interests.fill(-1)
         if B == 0 or K == 0 or n_items == 0:
             return out_i, out_s
         exc = as_ragged(exclude, B)
@@ -655,7 +662,8 @@ class Index:
         if self._config.probe == "joint":
             ex = [np.asarray(e, dtype=np.int64) for e in exc] if exclude is not None and elens.any() else None
             return self._joint_index().search(_normalized(q), k, self._config.resolved_user_nprobe(), ex,
-                                              threads=self._config.threads, precision=self._config.joint_precision)
+                                              threads=self._config.threads, precision=self._config.joint_precision,
+                                              interests=interests)
         q = _normalized(q).reshape(B * K, d)
         if exclude is not None and self.kind in _IVF_KINDS and elens.any():
             # IVF: each user's exclusion list filters its own scan (FAISS IDSelector), so k' = k, not k + |excl|

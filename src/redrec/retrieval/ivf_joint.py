@@ -216,13 +216,16 @@ def _bf16_kernel() -> Callable[..., None]:
 
     @njit(nogil=True, fastmath=_FASTMATH)
     def scan(q, q16, lists, n_lists, codes16, codes, ids, offsets, k, k2, exc_ptr, exc_ids, mark, dots,
-             out_i, out_s):  # pragma: no cover - compiled
+             out_i, out_s, out_w, want_w):  # pragma: no cover - compiled
         """As :func:`_joint_scan` (all ``K`` vectors score every list), in two passes: bfloat16 scores of the lists
         (``q16`` ``[B, K, d]`` and ``codes16`` uint16 bit patterns, one MKL GEMM per list into ``dots``) keep the
-        ``k2`` best rows, which are re-scored in float32 (``q``, ``codes``) for the top ``k``."""
+        ``k2`` best rows, which are re-scored in float32 (``q``, ``codes``) for the top ``k``; with ``want_w``,
+        ``out_w`` gets the winning vector of each returned item (argmax over K of those float32 scores)."""
         B, K, d = q.shape
         hs = np.empty(k2, np.float32)
         hr = np.empty(k2, np.int64)
+        cand_w = np.empty(k2, np.int64)  # the re-scoring's winning vector and item id of each candidate
+        cand_id = np.empty(k2, np.int64)
         fs = np.empty(k, np.float32)
         fi = np.empty(k, np.int64)
         ints = np.empty(6, np.int32)  # M, N, K, lda, ldb, ldc of the Fortran call
@@ -263,14 +266,24 @@ def _bf16_kernel() -> Callable[..., None]:
             for t in range(n):
                 r = hr[t]
                 best = -np.inf
+                w = 0
                 for kk in range(K):
                     acc = np.float32(0.0)
                     for c in range(d):
                         acc += q[b, kk, c] * codes[r, c]
                     if acc > best:
                         best = acc
+                        w = kk
+                cand_w[t] = w
+                cand_id[t] = ids[r]
                 nf = _push(fs, fi, nf, k, np.float32(best), ids[r])
             _pop_into(fs, fi, nf, out_s[b], out_i[b])
+            if want_w:  # k x n comparisons (an item is in one list only: its id is one candidate's)
+                for j in range(nf):
+                    for t in range(n):
+                        if cand_id[t] == out_i[b, j]:
+                            out_w[b, j] = cand_w[t]
+                            break
             _set_marks(mark, exc_ids, exc_ptr[b], exc_ptr[b + 1], 0)
 
     return scan
@@ -429,16 +442,28 @@ class JointIVF:
             self._workers_lock.release()
 
     def search(self, q: np.ndarray, k: int, user_nprobe: int, exclude: list[np.ndarray] | None = None,
-               threads: int | None = None, precision: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+               threads: int | None = None, precision: str = "float32",
+               interests: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` per user of unit ``q`` ``[B, K, d]`` (float32, C order); ``exclude``: per user, item ids never
         returned; ``precision``: ``float32`` or ``bfloat16`` (see the module docstring).  Returns
-        ``(ids int64 [B, k], scores float32 [B, k])``, padded with ``-1`` / ``-inf``."""
+        ``(ids int64 [B, k], scores float32 [B, k])``, padded with ``-1`` / ``-inf``.
+
+        ``interests``: an int64 ``[B, k]`` array that the bfloat16 scan fills with the winning vector of each
+        returned item (the argmax over K of its float32 re-scoring; -1 where no item); the float32 scan fills it
+        with -1 (not computed)."""
         if precision not in ("float32", "bfloat16"):
             raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
         q = np.ascontiguousarray(q, dtype=np.float32)
         B = q.shape[0]
         out_i = np.full((B, k), -1, dtype=np.int64)
         out_s = np.full((B, k), -np.inf, dtype=np.float32)
+        want_w = interests is not None and precision == "bfloat16"
+        if interests is not None:
+            if interests.shape != (B, k) or interests.dtype != np.int64:
+                raise ValueError(f"interests must be an int64 array of shape {(B, k)}, got {interests.dtype} "
+                                 f"{interests.shape}")
+            interests.fill(-1)
+        out_w = interests if want_w else np.empty((0, 0), np.int64)
         if B == 0 or self.nlist == 0:
             return out_i, out_s
         ptr = np.zeros(B + 1, dtype=np.int64)
@@ -469,7 +494,8 @@ class JointIVF:
                 try:
                     kernel(q[u0:u1], q16[u0:u1], lists, n_lists, codes16, self.codes, self.ids, self.offsets,
                            int(k), int(min(_BF16_CANDIDATES * k, self.n_items) or 1), ptr[u0:u1 + 1] - ptr[u0],
-                           exc[ptr[u0]:ptr[u1]], mark, dots, out_i[u0:u1], out_s[u0:u1])
+                           exc[ptr[u0]:ptr[u1]], mark, dots, out_i[u0:u1], out_s[u0:u1],
+                           out_w[u0:u1] if want_w else out_w, want_w)
                 finally:
                     set_local_threads(prev)
                 return
