@@ -391,6 +391,15 @@ def _fsync(path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def reset_interests(interests: np.ndarray | None, B: int, k: int) -> None:
+    """Check an ``interests`` output array (int64 ``[B, k]``) of a search and fill it with -1 (not computed)."""
+    if interests is None:
+        return
+    if interests.shape != (B, k) or interests.dtype != np.int64:
+        raise ValueError(f"interests must be an int64 array of shape {(B, k)}, got {interests.dtype} {interests.shape}")
+    interests.fill(-1)
+
+
 class Index:
     """An item index (FAISS inside).  Build with :func:`build_index`, load with :meth:`load` / :func:`load_index`.
 
@@ -648,11 +657,7 @@ class Index:
         out_i = np.full((B, k), -1, dtype=np.int64)
         out_s = np.full((B, k), -np.inf, dtype=np.float32)
         n_items = self.ntotal
-        if interests is not None:
-            if interests.shape != (B, k) or interests.dtype != np.int64:
-                raise ValueError(f"interests must be an int64 array of shape {(B, k)}, got {interests.dtype} "
-                                 f"{interests.shape}")
-            interests.fill(-1)
+        reset_interests(interests, B, k)
         if B == 0 or K == 0 or n_items == 0:
             return out_i, out_s
         exc = as_ragged(exclude, B)

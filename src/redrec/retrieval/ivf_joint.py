@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from redrec.retrieval.index import reset_interests
+
 _FASTMATH = {"nnan", "nsz", "reassoc", "contract"}  # the dot products may be reordered (inputs are finite)
 
 
@@ -458,11 +460,7 @@ class JointIVF:
         out_i = np.full((B, k), -1, dtype=np.int64)
         out_s = np.full((B, k), -np.inf, dtype=np.float32)
         want_w = interests is not None and precision == "bfloat16"
-        if interests is not None:
-            if interests.shape != (B, k) or interests.dtype != np.int64:
-                raise ValueError(f"interests must be an int64 array of shape {(B, k)}, got {interests.dtype} "
-                                 f"{interests.shape}")
-            interests.fill(-1)
+        reset_interests(interests, B, k)
         out_w = interests if want_w else np.empty((0, 0), np.int64)
         if B == 0 or self.nlist == 0:
             return out_i, out_s
