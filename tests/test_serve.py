@@ -34,7 +34,7 @@ from redrec.model.redrec import RedRec
 from redrec.serve.app import ServeConfig, create_app
 from redrec.serve.batcher import BatcherClosed, MicroBatcher, QueueFull
 from redrec.serve.history import events_from_store, open_history_store
-from redrec.serve.recommender import Recommendation, Recommendations, Recommender
+from redrec.serve.recommender import Recommendation, Recommendations, Recommender, _frozen
 from redrec.train import resolve_model_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -546,6 +546,35 @@ def test_joint_probe_ivf_index(env):
                           ({"index": ivf, "index_probe": "joint", "index_precision": "int8"}, "index_precision")):
         with pytest.raises(ConfigError, match=field):
             Recommender.load(env["run"], item_embeddings=emb, **kwargs)
+
+
+def test_frozen_patch_is_per_thread():
+    """``_frozen`` turns inductor's ``freezing`` on around each call, for the calling thread only: a call ending in
+    one thread leaves it on in a call still running in another (a hot reload compiling while the model serves),
+    and off outside the calls."""
+    import threading
+
+    from torch._inductor import config as inductor_config
+
+    seen: dict[str, list[bool]] = {"slow": [], "quick": []}
+    inside, leave = threading.Event(), threading.Event()
+
+    def fake_compiled(name):
+        seen[name].append(inductor_config.freezing)
+        if name == "slow":
+            inside.set()
+            leave.wait(10)
+            seen[name].append(inductor_config.freezing)  # after the quick call ended
+
+    call = _frozen(fake_compiled)
+    t = threading.Thread(target=call, args=("slow",))
+    t.start()
+    assert inside.wait(10)
+    call("quick")
+    assert inductor_config.freezing is False
+    leave.set()
+    t.join(10)
+    assert seen == {"slow": [True, True], "quick": [True]}
 
 
 def test_bfloat16_and_compiled_user_tower(env):

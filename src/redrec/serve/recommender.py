@@ -276,9 +276,8 @@ def _check_compiler() -> None:
 
 def _frozen(compiled: Callable[..., Any]) -> Callable[..., Any]:
     """``compiled`` (a ``torch.compile`` d module) called with inductor's ``freezing`` on, so a compilation it
-    triggers (the first call, a new shape) treats the weights as constants.  The setting is process-wide: when
-    two threads run such calls at once (a hot reload compiling while the current model serves), one may end its
-    patch while the other traces, whose model is then compiled unfrozen (same results, slower)."""
+    triggers (the first call, a new shape) treats the weights as constants.  Torch's config values are per thread
+    (context variables): a hot reload compiling in another thread neither sees nor ends this patch."""
     from torch._inductor import config as inductor_config
 
     def forward(*args: Any, **kwargs: Any) -> Any:
