@@ -17,7 +17,9 @@ HTTP/1.1 client sending pre-encoded requests, so the generator's own CPU cost st
 ``POST /v1/recommend {"user": ..., "k": --k, "exclude_seen": true}`` back to back for ``--seconds`` seconds after a
 short warm-up.  Latency is measured by the client (send to full response).  Printed per level: requests, errors,
 throughput, p50 / p99 / max latency, the server's mean batch size, and the share of the server's model time spent
-in the user tower vs the index (from ``/metrics``).
+in the user tower vs the index (from ``/metrics``); and, as the reference for the host's speed at that moment (a
+shared host runs the same code up to ~1.5x slower at times), the GFLOP/s of a one-thread float32 matmul measured in
+this process just before the level starts, with the server idle.
 
     python benchmarks/bench_serving.py                              # 1M items, concurrency 1 2 4 8 16
     python benchmarks/bench_serving.py --items 100000 --seconds 5 --concurrency 1 8
@@ -93,6 +95,26 @@ def proc_cpu(pid: int) -> float:
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def host_gflops(n: int = 1024, reps: int = 15) -> float:
+    """Median GFLOP/s of a one-thread ``n x n`` float32 matmul (``torch.mm`` into a preallocated output): the
+    host's speed right now, to read the latencies of one level against."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+        torch.mm(a, b, out=out)
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            torch.mm(a, b, out=out)
+            ts.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * n**3 / float(np.median(ts)) / 1e9
 
 
 def free_port() -> int:
@@ -306,6 +328,7 @@ def main() -> None:
         gc.freeze()  # the load generator's own full GC passes (it holds the store) would show as latency spikes
         rows = []
         for conc in args.concurrency:
+            gflops = host_gflops()
             m0 = [scrape(c, u) for c, u in zip(clients, urls, strict=True)]
             lat, errors, wall, cpu_server, cpu_client = run_loop(
                 load(ports, users, conc, args.seconds, args.k, args.warmup, pids))
@@ -334,10 +357,11 @@ def main() -> None:
                 "queue_wait_ms": 1e3 * qwait,
                 "server_cpu_ms_per_req": 1e3 * cpu_server / max(1, len(lat)),
                 "client_cpu_ms_per_req": 1e3 * cpu_client / max(1, len(lat)),
+                "host_gflops": gflops,
             })
             r = rows[-1]
             print(f"  c={conc}: {r['requests']} requests, {r['errors']} errors, {r['rps']:.0f} req/s, "
-                  f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms", flush=True)
+                  f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms (host: {gflops:.0f} GFLOP/s)", flush=True)
         recall = served_recall(client, paths["items"], users[: args.recall_users], args.k)
     finally:
         for server in servers:
@@ -359,15 +383,17 @@ def main() -> None:
     print("server time per batch: history read, user tower (input conversion + forward), index search (+ result "
           "lists); queue wait per request")
     print("CPU ms per request: the server process(es) and the load generator (2 cores = 2,000 CPU ms per second); "
-          "batch figures summed over the instances")
+          "batch figures summed over the instances; host GFLOP/s: a one-thread 1024^3 float32 matmul just before "
+          "the level (the host's speed then)")
     print("| concurrency | requests | errors | req/s | p50 ms | p99 ms | max ms | mean batch | history ms | tower ms "
-          "| index ms | tower / (tower + index) | queue wait ms | server CPU ms/req | client CPU ms/req |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| index ms | tower / (tower + index) | queue wait ms | server CPU ms/req | client CPU ms/req | host GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | "
               f"{r['p99_ms']:.1f} | {r['max_ms']:.1f} | {r['mean_batch']:.2f} | {r['history_ms_per_batch']:.1f} | "
               f"{r['tower_ms_per_batch']:.1f} | {r['index_ms_per_batch']:.1f} | {r['tower_share']:.0%} | "
-              f"{r['queue_wait_ms']:.1f} | {r['server_cpu_ms_per_req']:.2f} | {r['client_cpu_ms_per_req']:.2f} |")
+              f"{r['queue_wait_ms']:.1f} | {r['server_cpu_ms_per_req']:.2f} | {r['client_cpu_ms_per_req']:.2f} | "
+              f"{r['host_gflops']:.0f} |")
     print(f"recall@{args.k} of the served lists against the exact search over all items (same interest vectors "
           f"from /v1/embed/user, seen items not excluded), {len(users[: args.recall_users])} users: {recall:.3f}")
     goal = [r for r in rows if r["concurrency"] == 8]
