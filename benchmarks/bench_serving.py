@@ -17,9 +17,10 @@ HTTP/1.1 client sending pre-encoded requests, so the generator's own CPU cost st
 ``POST /v1/recommend {"user": ..., "k": --k, "exclude_seen": true}`` back to back for ``--seconds`` seconds after a
 short warm-up.  Latency is measured by the client (send to full response).  Printed per level: requests, errors,
 throughput, p50 / p99 / max latency, the server's mean batch size, and the share of the server's model time spent
-in the user tower vs the index (from ``/metrics``); and, as the reference for the host's speed at that moment (a
+in the user tower vs the index (from ``/metrics``); and, as a reference for the host's speed at that moment (a
 shared host runs the same code up to ~1.5x slower at times), the GFLOP/s of a one-thread float32 matmul measured in
-this process just before the level starts, with the server idle.
+this process just before the level starts, with the server idle.  It measures compute only: a slow spell in memory
+or cache (other tenants) can leave it unchanged, so compare the server's own tower / index times too.
 
     python benchmarks/bench_serving.py                              # 1M items, concurrency 1 2 4 8 16
     python benchmarks/bench_serving.py --items 100000 --seconds 5 --concurrency 1 8
