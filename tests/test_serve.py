@@ -165,6 +165,15 @@ def test_events_then_recommend(server, env):
     cos = vec @ iv.T  # [K, 5]
     assert [it["interest"] for it in body["items"][:5]] == cos.argmax(0).tolist()
     np.testing.assert_allclose(scores[:5], cos.max(0), atol=1e-5)
+    # ... of the cosines, whatever the lengths of a caller's own vectors: item v against u0 = 10 w (cos(w, v) =
+    # 0.5, the larger dot product) and u1 = v (cosine 1)
+    v = rec.item_vectors[st.item_index(ids[:1])[0]].astype(np.float64)
+    n = np.random.default_rng(0).standard_normal(v.shape)
+    n -= (n @ v) * v
+    w = 0.5 * v + np.sqrt(0.75) * n / np.linalg.norm(n)
+    users = np.stack([10 * w, v])[None].astype(np.float32)  # [1, 2, d]
+    got = rec._items(users, st.item_index(ids[:1])[None], np.ones((1, 1), np.float32))[0]
+    assert got.interests == [1]
 
     # scenario restriction: only items seen in ads in the training store
     ads = set(st.item_ids[rec.subsets["ads"]])
