@@ -254,6 +254,10 @@ def test_clear_errors(env, tmp_path):
     RedRec(mcfg).save_pretrained(tmp_path / "idmodel")
     with pytest.raises(DataError, match="n_items.*the store has 5 items but the model's id item tower has 300"):
         embed_items(tmp_path / "idmodel", small.path, tmp_path / "o", CFG)
+    if not torch.cuda.is_available():  # a GPU this process cannot use: said before any file is written
+        with pytest.raises(ConfigError, match="embed config: field 'device': 'cuda' requested but"):
+            embed_items(env["run"], None, tmp_path / "gpu", EmbedConfig(device="cuda", progress=False))
+        assert not (tmp_path / "gpu").exists()
 
 
 def test_cli_items_users_merge(env, tmp_path):

@@ -302,3 +302,21 @@ def test_device_settings_are_checked(store, tmp_path):
     with pytest.raises(ConfigError, match="train config: field 'device'"):
         train(cfg)
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_per_rank_device_takes_the_local_rank_gpu(monkeypatch):
+    """``per_rank``: an index-less cuda device (``cuda``, ``auto`` with a GPU) is ``cuda:LOCAL_RANK`` modulo the
+    visible GPUs (what ``redrec embed users`` under torchrun uses); an explicit index and cpu are kept.  The GPU
+    count is patched (this machine may have none): the test checks the index arithmetic, not a GPU."""
+    from redrec.config import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("cuda", per_rank=True) == torch.device("cuda", 1)
+    assert resolve_device("auto", per_rank=True) == torch.device("cuda", 1)
+    assert resolve_device("cuda:0", per_rank=True) == torch.device("cuda", 0)
+    assert resolve_device("cuda") == torch.device("cuda")  # without per_rank: as given
+    assert resolve_device("cpu", per_rank=True) == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("cuda", per_rank=True) == torch.device("cuda", 0)

@@ -8,6 +8,7 @@ dotted field path.  :func:`to_dict` is the inverse; the resolved config is saved
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -145,9 +146,12 @@ def save_yaml(obj: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
-def resolve_device(spec: str, source: str | Path | None = None, field: str = "device") -> Any:
+def resolve_device(spec: str, source: str | Path | None = None, field: str = "device", *,
+                   per_rank: bool = False) -> Any:
     """The ``torch.device`` of a device setting: ``auto`` (cuda when torch sees a GPU, else cpu), ``cpu``,
-    ``cuda`` / ``cuda:N`` or any other torch device string.
+    ``cuda`` / ``cuda:N`` or any other torch device string.  With ``per_rank``, a cuda device without an index
+    (``cuda``, or ``auto`` on a GPU machine) is ``cuda:LOCAL_RANK`` modulo the visible GPUs (torchrun sets
+    ``LOCAL_RANK``; 0 without it), so every process of one node takes its own GPU.
 
     Raises:
         ConfigError: not a device string, or a cuda / mps device this process cannot use (a torch without CUDA, no
@@ -156,17 +160,20 @@ def resolve_device(spec: str, source: str | Path | None = None, field: str = "de
     import torch
 
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(source, field, f"{spec!r} is not a torch device ({e})") from None
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(spec)
+        except (RuntimeError, TypeError) as e:
+            raise ConfigError(source, field, f"{spec!r} is not a torch device ({e})") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
             raise ConfigError(source, field, f"{spec!r} requested but {why}; use cpu (or auto)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(source, field, f"{spec!r}: only {torch.cuda.device_count()} GPU(s) visible")
+        if per_rank and dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(source, field, f"{spec!r} requested but MPS is not available; use cpu (or auto)")
     return dev

@@ -55,7 +55,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from redrec.config import from_dict, set_dotted, to_dict
+from redrec.config import from_dict, resolve_device, set_dotted, to_dict
 from redrec.errors import ConfigError, DataError
 from redrec.fileio import sha256_file
 
@@ -282,13 +282,8 @@ def _load_run_config(run_dir: Path):
 
 
 def _device(cfg: EmbedConfig):
-    import torch
-
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(None, "device", "cuda requested but torch sees no GPU")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    """The embedding device: :func:`redrec.config.resolve_device` of ``cfg.device``, one GPU per torchrun rank."""
+    return resolve_device(cfg.device, "embed config", per_rank=True)
 
 
 def check_model_store(model, store, users: bool) -> None:
