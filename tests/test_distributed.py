@@ -111,7 +111,8 @@ def test_two_ranks_match_one_process(store, tmp_path, per_rank, accum, in_batch_
     ddp = tiny_config(store, tmp_path / "ddp", batch_size=per_rank, **over)
     assert one.loss.in_batch_negatives and one.loss.nce_weight > 0 and one.loss.window_weight > 0
     save_yaml(ddp, tmp_path / "ddp.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: a rank that aborts (SIGABRT) prints every thread's Python stack into the failure message
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [_torchrun(), "--nnodes", "1", "--nproc_per_node", str(world), "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "redrec.cli", "train", "-c", str(tmp_path / "ddp.yaml")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

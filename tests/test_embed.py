@@ -314,8 +314,8 @@ def test_torchrun_two_processes(env, tmp_path):
     cmd = [_torchrun(), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "redrec.cli", "embed", "items", "--run-dir", str(env["run"]), "--out", str(out), "--no-progress",
            "--batch-size", str(B), "--part-rows", str(2 * B), "--device", "cpu", "--set", "num_threads=1"]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=120)
+    env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # an abort prints Python stacks
+    proc = subprocess.run(cmd, cwd=REPO, env=env_vars, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "shard-00000-of-00002" / "DONE").exists() and (out / "shard-00001-of-00002" / "DONE").exists()
     merge_embeddings(out, progress=False)
