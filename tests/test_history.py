@@ -24,6 +24,7 @@ import pytest
 
 from redrec.errors import ConfigError, DataError
 from redrec.serve.history import (
+    SQLITE_VERSION,
     Event,
     HistoryError,
     RedisHistoryStore,
@@ -334,7 +335,61 @@ def test_sqlite_version1_file_is_converted(tmp_path):
     conn = sqlite3.connect(path)
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "events" not in tables and "windows" in tables
-    assert dict(conn.execute("SELECT key, value FROM meta"))["version"] == "2"
+    assert dict(conn.execute("SELECT key, value FROM meta"))["version"] == str(SQLITE_VERSION)
+    conn.close()
+
+
+def test_sqlite_version2_file_is_converted(tmp_path, tiny_store):
+    """A file of format 2 (each window's item ids as JSON text) is converted when opened: the same events, item
+    ids now in the ``items`` table, and the hot path's conversion (by ids) equals the one by names."""
+    import sqlite3
+
+    from redrec.serve.history import columns_to_user_events, rows_to_user_events
+
+    store = tiny_store
+    a, b, c = (str(x) for x in store.item_ids[:3])
+    i32 = lambda *v: np.array(v, "<i4").tobytes()  # noqa: E731
+    i64 = lambda *v: np.array(v, "<i8").tobytes()  # noqa: E731
+    f64 = lambda *v: np.array(v, "<f8").tobytes()  # noqa: E731
+    path = tmp_path / "v2.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('format', 'redrec-history'), ('version', '2'), ('next_seq', '4');"
+        "CREATE TABLE users(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);"
+        "CREATE TABLE scenarios(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);"
+        "CREATE TABLE action_sets(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);"
+        "CREATE TABLE windows(user INTEGER NOT NULL, scenario INTEGER NOT NULL, items TEXT NOT NULL, "
+        "actions BLOB NOT NULL, ts BLOB NOT NULL, seq BLOB NOT NULL, duration BLOB NOT NULL, "
+        "PRIMARY KEY (user, scenario)) WITHOUT ROWID;"
+        "INSERT INTO users VALUES (1, 'u');"
+        f"INSERT INTO scenarios VALUES (1, '{store.scenarios[0]}'), (2, '{store.scenarios[1]}');"
+        f"INSERT INTO action_sets VALUES (1, ''), (2, '[\"{store.actions_names[0]}\"]');"
+    )
+    conn.executemany("INSERT INTO windows VALUES (?, ?, ?, ?, ?, ?, ?)", [
+        (1, 1, f'["{a}","unknown-item"]', i32(2, 1), i64(5, 7), i64(1, 3), f64(0.5, 0.0)),
+        (1, 2, f'["{c}"]', i32(1), i64(6), i64(2), f64(1.0)),
+    ])
+    conn.commit()
+    conn.close()
+    st = SQLiteHistoryStore(path, max_per_scenario=4)
+    s0, s1 = store.scenarios[:2]
+    act = store.actions_names[0]
+    assert st.get("u") == [ev(a, 5, s0, actions=[act], duration=0.5), ev(c, 6, s1, duration=1.0),
+                           ev("unknown-item", 7, s0)]
+    st.append("u", [ev(b, 6, s0)])  # same ts as c, later arrival
+    cols = st.get_many_columns(["u"])[0]
+    assert cols.item == [a, c, b, "unknown-item"] and cols.codes is not None
+    assert list(cols.codes.vocab.items[cols.codes.item]) == cols.item
+    fast, info = columns_to_user_events(cols, store)
+    slow, info_rows = rows_to_user_events(cols.rows(), store)
+    for f in ("item", "scenario", "timestamp", "actions", "duration"):
+        np.testing.assert_array_equal(getattr(fast, f), getattr(slow, f), err_msg=f)
+    assert info == info_rows and info["n_unknown_items"] == 1 and info["unknown_items"] == ["unknown-item"]
+    st.close()
+    conn = sqlite3.connect(path)
+    assert dict(conn.execute("SELECT key, value FROM meta"))["version"] == str(SQLITE_VERSION)
+    assert sorted(n for (n,) in conn.execute("SELECT name FROM items")) == sorted([a, b, c, "unknown-item"])
     conn.close()
 
 
@@ -358,6 +413,41 @@ def test_columns_match_rows(make_store, tiny_store):
         assert ra == rb
         for f in ("item", "scenario", "timestamp", "actions", "duration"):
             np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+
+
+def test_sqlite_ids_written_by_another_store_object(tmp_path, tiny_store):
+    """Two stores on one file (as two serving processes): items, scenarios and action sets the other one adds
+    later are named and converted by the reader (its id tables are read again), the same as by names; a set
+    with an action the training store lacks is the same DataError on both paths."""
+    from redrec.serve.history import columns_to_user_events, rows_to_user_events
+
+    writer, reader = SQLiteHistoryStore(tmp_path / "h.db"), SQLiteHistoryStore(tmp_path / "h.db")
+    items = [str(x) for x in tiny_store.item_ids[:4].tolist()]
+    writer.append("u", [ev(items[0], 1)])
+
+    def check(expect_items):
+        cols = reader.get_many_columns(["u"])[0]
+        assert cols.item == expect_items and cols.rows() == writer.get_many_rows(["u"])[0]
+        a, ra = columns_to_user_events(cols, tiny_store)
+        b, rb = rows_to_user_events(cols.rows(), tiny_store)
+        assert ra == rb
+        for f in ("item", "scenario", "timestamp", "actions", "duration"):
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+        return cols
+
+    check([items[0]])  # the reader's maps for tiny_store now cover one item
+    writer.append("u", [ev(items[1], 2, "ads", actions=["click"]), ev(items[2], 3), ev("new-item", 4)])
+    cols = check([items[0], items[1], items[2], "new-item"])
+    # extended for the new ids (1..4: SQLite row ids start at 1)
+    assert len(cols.codes.vocab.store_maps(tiny_store)[0]) == len(cols.codes.vocab.items) == 5
+    writer.append("u", [ev(items[3], 5, actions=["teleport"])])  # an action tiny_store does not have
+    cols = reader.get_many_columns(["u"])[0]
+    with pytest.raises(DataError, match="unknown action 'teleport'"):
+        columns_to_user_events(cols, tiny_store)
+    with pytest.raises(DataError, match="unknown action 'teleport'"):
+        rows_to_user_events(cols.rows(), tiny_store)
+    writer.close()
+    reader.close()
 
 
 def test_sqlite_connections_of_finished_threads_are_closed(tmp_path):

@@ -74,7 +74,7 @@ MAX_NAME_LEN = 1024
 DEFAULT_MAX_EVENTS_PER_APPEND = 10_000
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 SQLITE_FORMAT = "redrec-history"
-SQLITE_VERSION = 2
+SQLITE_VERSION = 3
 
 
 class HistoryError(ValueError):
@@ -139,6 +139,9 @@ class EventColumns:
         timestamp: int64 ``[n]``.
         actions: engagement flag names per event.
         duration: float64 ``[n]``.
+        codes: the same items, scenarios and action sets as the history store's own ids, when it has them
+            (:class:`HistoryCodes`; SQLite): :func:`columns_to_user_events` then converts by array lookups
+            instead of one dict lookup per event.
     """
 
     item: list[str]
@@ -146,6 +149,7 @@ class EventColumns:
     timestamp: np.ndarray
     actions: list[tuple[str, ...]]
     duration: np.ndarray
+    codes: HistoryCodes | None = None
 
     def __len__(self) -> int:
         return len(self.item)
@@ -168,6 +172,78 @@ class EventColumns:
     def events(self) -> list[Event]:
         """The events as :class:`Event` s."""
         return [Event(*r) for r in self.rows()]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class HistoryCodes:
+    """The columns of :class:`EventColumns` as a history store's own ids (``int32 [n]`` each): ``item`` (ids of
+    its item table), ``scenario`` and ``actions`` (ids of its scenario and action-set tables), with the
+    :class:`HistoryVocab` that names them."""
+
+    item: np.ndarray
+    scenario: np.ndarray
+    actions: np.ndarray
+    vocab: HistoryVocab
+
+
+class HistoryVocab:
+    """A history store's id tables -- item ids, scenario names and action sets by the store's own integer ids --
+    and, per training store, the arrays that turn those ids into the training store's item indices, scenario
+    indices and action bit masks, so that converting a stored history (:func:`columns_to_user_events`) is a few
+    numpy gathers instead of a dict lookup per event.  The tables only grow (the history store appends what
+    other processes wrote); the arrays are extended for the new ids when next asked for.
+
+    Attributes:
+        items, scenarios, action_sets: object arrays, id -> item id / scenario name / tuple of action names
+            (``None`` where no row has that id).
+    """
+
+    def __init__(self) -> None:
+        self.items = np.empty(0, dtype=object)
+        self.scenarios = np.empty(0, dtype=object)
+        self.action_sets = np.empty(0, dtype=object)
+        self._maps: weakref.WeakKeyDictionary[EventStore, tuple[np.ndarray, np.ndarray, np.ndarray]] = (
+            weakref.WeakKeyDictionary())
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def grown(table: np.ndarray, rows: Sequence[tuple[int, Any]]) -> np.ndarray:
+        """``table`` with ``rows`` ``(id, value)`` set (a new array when one is past its end)."""
+        if not rows:
+            return table
+        size = max(len(table), max(i for i, _ in rows) + 1)
+        out = table
+        if size > len(table):
+            out = np.empty(size, dtype=object)
+            out[: len(table)] = table
+        for i, v in rows:
+            out[i] = v
+        return out
+
+    def store_maps(self, store: EventStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(item, scenario, actions)`` int64 arrays over this vocabulary's ids: the ``store``'s item index and
+        scenario index (-1: unknown to the store, or no such id) and the action bit mask (-1: a set with a name
+        the store does not have)."""
+        with self._lock:
+            items, scenarios, sets = self.items, self.scenarios, self.action_sets
+            it, sc, ac = self._maps.get(store) or (np.zeros(0, np.int64),) * 3
+            if len(it) < len(items):
+                tail = items[len(it):]
+                named = np.flatnonzero([x is not None for x in tail.tolist()])
+                new = np.full(len(tail), -1, dtype=np.int64)
+                if len(named):
+                    new[named] = item_lookup(store)(tail[named].tolist())
+                it = np.concatenate([it, new])
+            if len(sc) != len(scenarios):
+                scen_of = {name: i for i, name in enumerate(store.scenarios)}
+                sc = np.array([scen_of.get(name, -1) for name in scenarios.tolist()], dtype=np.int64)
+            if len(ac) != len(sets):
+                bit_of = {a: 1 << i for i, a in enumerate(store.actions_names)}
+                ac = np.array([-1 if acts is None or any(a not in bit_of for a in acts) else
+                               functools.reduce(operator.or_, (bit_of[a] for a in acts), 0)
+                               for acts in sets.tolist()], dtype=np.int64)
+            self._maps[store] = (it, sc, ac)
+            return it, sc, ac
 
 
 def _check_name(value: Any, field: str, index: int | None) -> str:
@@ -363,14 +439,16 @@ def _decode_actions(text: str) -> tuple[str, ...]:  # few distinct action sets: 
 # ---------------------------------------------------------------------------------------------------------------
 # SQLite
 # ---------------------------------------------------------------------------------------------------------------
-# format 2: one row per (user, scenario) holding its kept window, oldest first; format 1 (a row per event) is
-# converted when opened.  ``items``: JSON array of item ids; ``actions`` / ``ts`` / ``seq`` (arrival numbers) /
-# ``duration``: little-endian int32 (ids in ``action_sets``) / int64 / int64 / float64 arrays.
+# format 3: one row per (user, scenario) holding its kept window, oldest first.  ``items`` / ``actions`` /
+# ``ts`` / ``seq`` (arrival numbers) / ``duration``: little-endian int32 (ids in ``items``) / int32 (ids in
+# ``action_sets``) / int64 / int64 / float64 arrays.  Converted when opened: format 1 (a row per event) and
+# format 2 (``items`` a JSON array of item ids).
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS users(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)",
     "CREATE TABLE IF NOT EXISTS scenarios(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)",
     "CREATE TABLE IF NOT EXISTS action_sets(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)",
-    "CREATE TABLE IF NOT EXISTS windows(user INTEGER NOT NULL, scenario INTEGER NOT NULL, items TEXT NOT NULL, "
+    "CREATE TABLE IF NOT EXISTS items(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)",
+    "CREATE TABLE IF NOT EXISTS windows(user INTEGER NOT NULL, scenario INTEGER NOT NULL, items BLOB NOT NULL, "
     "actions BLOB NOT NULL, ts BLOB NOT NULL, seq BLOB NOT NULL, duration BLOB NOT NULL, "
     "PRIMARY KEY (user, scenario)) WITHOUT ROWID",
 )
@@ -381,21 +459,21 @@ _READ_CHUNK = 500  # users per read statement (SQLite allows 32,766 parameters)
 
 
 class _Window:
-    """The kept events of one (user, scenario), oldest first (timestamp, then arrival ``seq``); ``actions`` are
-    ids of the ``action_sets`` table."""
+    """The kept events of one (user, scenario), oldest first (timestamp, then arrival ``seq``); ``items`` and
+    ``actions`` are ids of the ``items`` and ``action_sets`` tables."""
 
     __slots__ = ("items", "actions", "ts", "seq", "duration")
 
-    def __init__(self, items: list[str], actions: np.ndarray, ts: np.ndarray, seq: np.ndarray, duration: np.ndarray):
+    def __init__(self, items: np.ndarray, actions: np.ndarray, ts: np.ndarray, seq: np.ndarray, duration: np.ndarray):
         self.items, self.actions, self.ts, self.seq, self.duration = items, actions, ts, seq, duration
 
     @classmethod
-    def decode(cls, items: str, actions: bytes, ts: bytes, seq: bytes, duration: bytes) -> _Window:
-        return cls(orjson.loads(items), np.frombuffer(actions, "<i4"), np.frombuffer(ts, "<i8"),
+    def decode(cls, items: bytes, actions: bytes, ts: bytes, seq: bytes, duration: bytes) -> _Window:
+        return cls(np.frombuffer(items, "<i4"), np.frombuffer(actions, "<i4"), np.frombuffer(ts, "<i8"),
                    np.frombuffer(seq, "<i8"), np.frombuffer(duration, "<f8"))
 
-    def encode(self) -> tuple[str, bytes, bytes, bytes, bytes]:
-        return (orjson.dumps(self.items).decode(), self.actions.astype("<i4").tobytes(),
+    def encode(self) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+        return (self.items.astype("<i4").tobytes(), self.actions.astype("<i4").tobytes(),
                 self.ts.astype("<i8").tobytes(), self.seq.astype("<i8").tobytes(),
                 self.duration.astype("<f8").tobytes())
 
@@ -409,27 +487,28 @@ class _Window:
         return _Window(self.items[-n:], self.actions[-n:], self.ts[-n:], self.seq[-n:], self.duration[-n:])
 
     def __add__(self, other: _Window) -> _Window:
-        return _Window(self.items + other.items, np.concatenate([self.actions, other.actions]),
+        return _Window(np.concatenate([self.items, other.items]), np.concatenate([self.actions, other.actions]),
                        np.concatenate([self.ts, other.ts]), np.concatenate([self.seq, other.seq]),
                        np.concatenate([self.duration, other.duration]))
 
     def sorted(self) -> _Window:
         """The events in (timestamp, arrival) order."""
         order = np.lexsort((self.seq, self.ts))
-        return _Window([self.items[i] for i in order.tolist()], self.actions[order], self.ts[order], self.seq[order],
-                       self.duration[order])
+        return _Window(self.items[order], self.actions[order], self.ts[order], self.seq[order], self.duration[order])
 
 
 class SQLiteHistoryStore(HistoryStore):
     """History in one SQLite file (or in memory).
 
     Table ``windows(user, scenario, items, actions, ts, seq, duration)``: one row per (user, scenario) holding
-    its last ``max_per_scenario`` events, oldest first, as packed arrays (JSON arrays of item ids and of action
-    sets, little-endian int64 timestamps and arrival numbers, float64 durations).  A read is one statement for
-    a batch of users that returns a few rows per user, not one per event; an append rewrites the windows it
-    touches (merge by timestamp, then arrival; keep the last ``max_per_scenario``) in one ``BEGIN IMMEDIATE``
-    transaction.  The WAL journal lets readers run while a writer commits.  A file of the earlier one-row-per-
-    event format (version 1) is converted in place, in one transaction, when opened.
+    its last ``max_per_scenario`` events, oldest first, as packed arrays (little-endian int32 ids of the
+    ``items`` and ``action_sets`` tables, int64 timestamps and arrival numbers, float64 durations).  A read is
+    one statement for a batch of users that returns a few rows per user, not one per event, and gives the
+    events' ids with the names (:class:`HistoryCodes`), so the conversion for a model looks each item id up
+    once per store, not once per read.  An append rewrites the windows it touches (merge by timestamp, then
+    arrival; keep the last ``max_per_scenario``) in one ``BEGIN IMMEDIATE`` transaction.  The WAL journal lets
+    readers run while a writer commits.  Files of the earlier formats (version 1: one row per event; version
+    2: item ids as JSON text in the windows) are converted in place, in one transaction, when opened.
 
     Thread safety: every thread gets its own connection (connections of finished threads are closed); the
     writers of this process take turns on a lock, writers of other processes wait up to ``timeout`` seconds
@@ -469,8 +548,8 @@ class SQLiteHistoryStore(HistoryStore):
         self._conns: dict[int, tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = {}
         self._conns_lock = threading.Lock()
         self._shared: sqlite3.Connection | None = None
-        self._scenario_names: dict[int, str] = {}
-        self._action_lut = np.empty(0, dtype=object)
+        self.vocab = HistoryVocab()  # the id tables as read so far (this process and others append to them)
+        self._vocab_lock = threading.Lock()
         if not self.memory:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -531,7 +610,7 @@ class SQLiteHistoryStore(HistoryStore):
                 )
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
                 version = meta.get("version")
-                if meta.get("format") != SQLITE_FORMAT or version not in ("1", str(SQLITE_VERSION)):
+                if meta.get("format") != SQLITE_FORMAT or version not in ("1", "2", str(SQLITE_VERSION)):
                     raise HistoryError(
                         "path", f"{str(self.path)!r} holds format {meta.get('format')!r} version "
                         f"{version!r}, expected {SQLITE_FORMAT!r} version {SQLITE_VERSION}",
@@ -541,6 +620,8 @@ class SQLiteHistoryStore(HistoryStore):
                 conn.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', '1')")
                 if version == "1":
                     self._upgrade_v1(conn)
+                elif version == "2":
+                    self._upgrade_v2(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -558,12 +639,24 @@ class SQLiteHistoryStore(HistoryStore):
             for (user, scenario), group in itertools.groupby(cur, key=lambda r: (r[0], r[1])):
                 rows = list(group)
                 acts = np.array([self._name_id(conn, "action_sets", r[5]) for r in rows], np.int32)
-                w = _Window([r[4] for r in rows], acts, np.array([r[2] for r in rows], np.int64),
+                codes = self._item_codes(conn, [r[4] for r in rows])
+                w = _Window(np.array([codes[r[4]] for r in rows], np.int32), acts, np.array([r[2] for r in rows], np.int64),
                             np.array([r[3] for r in rows], np.int64), np.array([r[6] for r in rows], np.float64))
                 last_seq = max(last_seq, int(w.seq.max()))
                 conn.execute(_PUT_WINDOW, (user, scenario, *w.encode()))
             conn.execute("DROP TABLE events")
         conn.execute(_SET_NEXT_SEQ, (str(last_seq + 1),))
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'version'", (str(SQLITE_VERSION),))
+
+    def _upgrade_v2(self, conn: sqlite3.Connection) -> None:
+        """Convert a version-2 file (each window's item ids as a JSON array) to item table ids, inside the
+        caller's transaction."""
+        rows = conn.execute("SELECT user, scenario, items FROM windows").fetchall()
+        for user, scenario, text in rows:
+            names = orjson.loads(text)
+            codes = self._item_codes(conn, names)
+            packed = np.array([codes[x] for x in names], dtype="<i4").tobytes()
+            conn.execute("UPDATE windows SET items = ? WHERE user = ? AND scenario = ?", (packed, user, scenario))
         conn.execute("UPDATE meta SET value = ? WHERE key = 'version'", (str(SQLITE_VERSION),))
 
     # -- writes and reads ------------------------------------------------------------------------------------
@@ -579,9 +672,11 @@ class SQLiteHistoryStore(HistoryStore):
                 user_ids = {u: self._name_id(conn, "users", u) for u in dict.fromkeys(r[0] for r in rows)}
                 scen_ids = {s: self._name_id(conn, "scenarios", s) for s in dict.fromkeys(r[1] for r in rows)}
                 set_ids = {a: self._name_id(conn, "action_sets", _encode_actions(a)) for a in dict.fromkeys(r[4] for r in rows)}
+                item_ids = self._item_codes(conn, list(dict.fromkeys(r[3] for r in rows)))
                 for (u, s), idx in groups.items():
                     key = (user_ids[u], scen_ids[s])
-                    new = _Window([rows[i][3] for i in idx], np.array([set_ids[rows[i][4]] for i in idx], np.int32),
+                    new = _Window(np.array([item_ids[rows[i][3]] for i in idx], np.int32),
+                                  np.array([set_ids[rows[i][4]] for i in idx], np.int32),
                                   np.array([rows[i][2] for i in idx], np.int64), seq0 + np.array(idx, np.int64),
                                   np.array([rows[i][5] for i in idx], np.float64))
                     old = conn.execute(_WINDOW, key).fetchone()
@@ -601,25 +696,38 @@ class SQLiteHistoryStore(HistoryStore):
             return int(row[0])
         return int(conn.execute(f"INSERT INTO {table}(name) VALUES (?)", (name,)).lastrowid)
 
-    def _scenario_name(self, conn: sqlite3.Connection, sid: int) -> str:
-        names = self._scenario_names
-        if sid not in names:  # a scenario written since (by any process): read the table again
-            self._scenario_names = names = dict(conn.execute("SELECT id, name FROM scenarios").fetchall())
-        return names[sid]
+    @staticmethod
+    def _item_codes(conn: sqlite3.Connection, names: Sequence[str]) -> dict[str, int]:
+        """Ids in the ``items`` table of the distinct ``names`` (new ones inserted), in the caller's
+        transaction: one statement per 500 names, plus one per new name."""
+        names = list(dict.fromkeys(names))
+        out: dict[str, int] = {}
+        for a in range(0, len(names), _READ_CHUNK):
+            chunk = names[a : a + _READ_CHUNK]
+            out.update(conn.execute(f"SELECT name, id FROM items WHERE name IN ({','.join('?' * len(chunk))})",
+                                    chunk).fetchall())
+        for name in names:
+            if name not in out:
+                out[name] = int(conn.execute("INSERT INTO items(name) VALUES (?)", (name,)).lastrowid)
+        return out
 
-    def _action_sets(self, conn: sqlite3.Connection, ids: np.ndarray) -> np.ndarray:
-        """Object array: action-set id -> tuple of names, covering ``ids`` (read again when a set is new)."""
-        lut = self._action_lut
-        if len(ids) and int(ids.max()) >= len(lut):  # a set written since (by any process)
-            rows = conn.execute("SELECT id, name FROM action_sets").fetchall()
-            lut = np.empty(max(i for i, _ in rows) + 1 if rows else 0, dtype=object)
-            for i, name in rows:
-                lut[i] = _decode_actions(name)
-            self._action_lut = lut
-        return lut
+    def _refresh_vocab(self, conn: sqlite3.Connection, items: int, scenarios: int, action_sets: int) -> HistoryVocab:
+        """:attr:`vocab` covering item / scenario / action-set ids below the given bounds (the rows past what
+        was read so far -- written since, by any process -- read on the caller's connection)."""
+        v = self.vocab
+        with self._vocab_lock:
+            if items > len(v.items):
+                v.items = v.grown(v.items, conn.execute("SELECT id, name FROM items WHERE id >= ?",
+                                                        (len(v.items),)).fetchall())
+            if scenarios > len(v.scenarios):
+                v.scenarios = v.grown(v.scenarios, conn.execute("SELECT id, name FROM scenarios").fetchall())
+            if action_sets > len(v.action_sets):
+                rows = conn.execute("SELECT id, name FROM action_sets").fetchall()
+                v.action_sets = v.grown(v.action_sets, [(i, _decode_actions(name)) for i, name in rows])
+        return v
 
     def _read_columns(self, users: list[str]) -> list[EventColumns]:
-        found: dict[str, list[tuple[str, _Window]]] = {u: [] for u in users}
+        found: dict[str, list[tuple[int, _Window]]] = {u: [] for u in users}
         names = list(found)
         n = self.max_per_scenario
         with self._read_lock():
@@ -634,14 +742,16 @@ class SQLiteHistoryStore(HistoryStore):
                         "SELECT u.name, w.scenario, w.items, w.actions, w.ts, w.seq, w.duration FROM users u "
                         f"JOIN windows w ON w.user = u.id WHERE u.name IN ({','.join('?' * len(chunk))})", chunk)
                     for name, sid, *packed in cur:
-                        found[name].append((self._scenario_name(conn, sid), _Window.decode(*packed).last(n)))
-                windows = [w for ws in found.values() for _, w in ws]
-                lut = self._action_sets(conn, np.concatenate([w.actions for w in windows]) if windows else
-                                        np.zeros(0, np.int32))
+                        found[name].append((sid, _Window.decode(*packed).last(n)))
+                pairs = [p for ps in found.values() for p in ps]
+                top = [max((int(w.items.max()) for _, w in pairs if len(w)), default=-1),
+                       max((sid for sid, _ in pairs), default=-1),
+                       max((int(w.actions.max()) for _, w in pairs if len(w)), default=-1)]
+                vocab = self._refresh_vocab(conn, top[0] + 1, top[1] + 1, top[2] + 1)
             finally:
                 if snapshot and conn.in_transaction:
                     conn.execute("COMMIT")
-        return [_columns(found[u], lut) for u in users]
+        return [_columns(found[u], vocab) for u in users]
 
     def n_users(self) -> int:
         with self._read_lock():
@@ -662,22 +772,25 @@ class SQLiteHistoryStore(HistoryStore):
         return f"SQLiteHistoryStore({str(self.path)!r}, max_per_scenario={self.max_per_scenario})"
 
 
-def _columns(windows: list[tuple[str, _Window]], action_sets: np.ndarray) -> EventColumns:
-    """Per-scenario windows of one user -> :class:`EventColumns` in (timestamp, arrival) order (numpy gathers,
-    no Python work per event); ``action_sets``: object array, action-set id -> names."""
+def _columns(windows: list[tuple[int, _Window]], vocab: HistoryVocab) -> EventColumns:
+    """Per-scenario windows ``(scenario id, window)`` of one user -> :class:`EventColumns` with their
+    :class:`HistoryCodes`, in (timestamp, arrival) order (numpy gathers, no Python work per event)."""
     if not windows:
         return EventColumns.from_rows([])
     if len(windows) == 1:
-        scen, w = windows[0]
-        return EventColumns(w.items, [scen] * len(w), w.ts.astype(np.int64), action_sets[w.actions].tolist(),
-                            w.duration.astype(np.float64))
-    ts = np.concatenate([w.ts for _, w in windows])
-    order = np.lexsort((np.concatenate([w.seq for _, w in windows]), ts))
-    items = np.array(list(itertools.chain.from_iterable(w.items for _, w in windows)), dtype=object)
-    scens = np.repeat(np.array([s for s, _ in windows], dtype=object), [len(w) for _, w in windows])
-    actions = action_sets[np.concatenate([w.actions for _, w in windows])]
-    return EventColumns(items[order].tolist(), scens[order].tolist(), ts[order], actions[order].tolist(),
-                        np.concatenate([w.duration for _, w in windows])[order].astype(np.float64))
+        items, acts, ts, dur = windows[0][1].items, windows[0][1].actions, windows[0][1].ts, windows[0][1].duration
+        scen = np.full(len(items), windows[0][0], dtype=np.int32)
+    else:
+        ts = np.concatenate([w.ts for _, w in windows])
+        order = np.lexsort((np.concatenate([w.seq for _, w in windows]), ts))
+        ts = ts[order]
+        items = np.concatenate([w.items for _, w in windows])[order]
+        acts = np.concatenate([w.actions for _, w in windows])[order]
+        dur = np.concatenate([w.duration for _, w in windows])[order]
+        scen = np.repeat(np.array([s for s, _ in windows], dtype=np.int32), [len(w) for _, w in windows])[order]
+    codes = HistoryCodes(items.astype(np.int32, copy=False), scen, acts.astype(np.int32, copy=False), vocab)
+    return EventColumns(vocab.items[items].tolist(), vocab.scenarios[scen].tolist(), ts.astype(np.int64),
+                        vocab.action_sets[acts].tolist(), dur.astype(np.float64), codes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -960,7 +1073,9 @@ def columns_to_user_events(
     item_index: Callable[[Sequence[str]], np.ndarray] | None = None,
 ) -> tuple[UserEvents, dict[str, Any]]:
     """:func:`to_user_events` of checked events column by column (:meth:`HistoryStore.get_many_columns`; not
-    validated again); same arguments, result and errors.  Work per event is a few dict lookups in C (``map``)."""
+    validated again); same arguments, result and errors.  Columns with :class:`HistoryCodes` (and no
+    ``item_index`` given) are converted by array gathers (:meth:`HistoryVocab.store_maps`); others by a few
+    dict lookups per event in C (``map``)."""
     _check_policy("unknown_items", unknown_items)
     _check_policy("unknown_scenarios", unknown_scenarios)
     _check_policy("unknown_actions", unknown_actions)
@@ -972,8 +1087,13 @@ def columns_to_user_events(
         "n_unknown_actions": 0, "unknown_actions": [],
     }
 
-    lookup = item_index or item_lookup(store)
-    item = np.asarray(lookup(columns.item), dtype=np.int64).reshape(n)
+    codes = columns.codes if item_index is None else None
+    maps = codes.vocab.store_maps(store) if codes is not None else None
+    if maps is not None and codes is not None:
+        item = maps[0][codes.item]
+    else:
+        lookup = item_index or item_lookup(store)
+        item = np.asarray(lookup(columns.item), dtype=np.int64).reshape(n)
     keep = item >= 0
     if not keep.all():
         bad = [columns.item[i] for i in np.flatnonzero(~keep)]
@@ -986,8 +1106,11 @@ def columns_to_user_events(
         report["unknown_items"] = list(dict.fromkeys(bad))[:10]
 
     scen_names = store.scenarios
-    scen_of = {s: i for i, s in enumerate(scen_names)}
-    scenario = np.fromiter(map(scen_of.get, columns.scenario, itertools.repeat(-1)), dtype=np.int64, count=n)
+    if maps is not None and codes is not None:
+        scenario = maps[1][codes.scenario]
+    else:
+        scen_of = {s: i for i, s in enumerate(scen_names)}
+        scenario = np.fromiter(map(scen_of.get, columns.scenario, itertools.repeat(-1)), dtype=np.int64, count=n)
     if (scenario < 0).any():
         bad_s = list(dict.fromkeys(columns.scenario[i] for i in np.flatnonzero(scenario < 0)))
         if unknown_scenarios == "error":
@@ -1003,7 +1126,13 @@ def columns_to_user_events(
     # names the first event with an unknown action)
     known = _action_masks(store)
     try:
-        actions = np.fromiter(map(known.__getitem__, columns.actions), dtype=np.uint32, count=n)
+        if maps is not None and codes is not None:
+            masks = maps[2][codes.actions]
+            if (masks < 0).any():  # a set with a name the store does not have: the name path says which
+                raise KeyError
+            actions = masks.astype(np.uint32)
+        else:
+            actions = np.fromiter(map(known.__getitem__, columns.actions), dtype=np.uint32, count=n)
     except KeyError:  # a set not seen before, or one with unknown names
         bit_of = {a: 1 << i for i, a in enumerate(store.actions_names)}
         mask_of: dict[tuple[str, ...], int] = {}
