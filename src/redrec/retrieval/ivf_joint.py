@@ -218,11 +218,16 @@ def _bf16_kernel() -> Callable[..., None]:
 
     @njit(nogil=True, fastmath=_FASTMATH)
     def scan(q, q16, lists, n_lists, codes16, codes, ids, offsets, k, k2, exc_ptr, exc_ids, mark, dots,
-             out_i, out_s, out_w, want_w):  # pragma: no cover - compiled
+             out_i, out_s, out_w, want_w, ints, flts, chars):  # pragma: no cover - compiled
         """As :func:`_joint_scan` (all ``K`` vectors score every list), in two passes: bfloat16 scores of the lists
         (``q16`` ``[B, K, d]`` and ``codes16`` uint16 bit patterns, one MKL GEMM per list into ``dots``) keep the
         ``k2`` best rows, which are re-scored in float32 (``q``, ``codes``) for the top ``k``; with ``want_w``,
-        ``out_w`` gets the winning vector of each returned item (argmax over K of those float32 scores)."""
+        ``out_w`` gets the winning vector of each returned item (argmax over K of those float32 scores).
+        ``ints`` (int32 [6]), ``flts`` (float32 [2]) and ``chars`` (uint8 [2]) hold the GEMM's by-address
+        arguments.  They come from the caller, which keeps them alive for the whole call: arrays made in here
+        would be freed by numba after their last use in the code (their addresses are used later), and an
+        allocation in the loop could then reuse their memory (found when one did: MKL "Parameter 1 was
+        incorrect")."""
         B, K, d = q.shape
         hs = np.empty(k2, np.float32)
         hr = np.empty(k2, np.int64)
@@ -230,9 +235,6 @@ def _bf16_kernel() -> Callable[..., None]:
         cand_id = np.empty(k2, np.int64)
         fs = np.empty(k, np.float32)
         fi = np.empty(k, np.int64)
-        ints = np.empty(6, np.int32)  # M, N, K, lda, ldb, ldc of the Fortran call
-        flts = np.array([1.0, 0.0], np.float32)  # alpha, beta
-        chars = np.array([78, 78], np.uint8)  # "N", "N"
         ip, fp, cp = ints.ctypes.data, flts.ctypes.data, chars.ctypes.data
         for b in range(B):
             _set_marks(mark, exc_ids, exc_ptr[b], exc_ptr[b + 1], 1)
@@ -489,11 +491,14 @@ class JointIVF:
                 # this thread's MKL calls on one thread (per-list products), then its previous setting again (the
                 # caller's thread may run torch next)
                 prev = set_local_threads(1)
+                # the GEMM's by-address arguments, one set per thread: M, N, K, lda, ldb, ldc; alpha, beta;
+                # transa, transb ("N", "N")
+                gemm_args = (np.empty(6, np.int32), np.array([1.0, 0.0], np.float32), np.array([78, 78], np.uint8))
                 try:
                     kernel(q[u0:u1], q16[u0:u1], lists, n_lists, codes16, self.codes, self.ids, self.offsets,
                            int(k), int(min(_BF16_CANDIDATES * k, self.n_items) or 1), ptr[u0:u1 + 1] - ptr[u0],
                            exc[ptr[u0]:ptr[u1]], mark, dots, out_i[u0:u1], out_s[u0:u1],
-                           out_w[u0:u1] if want_w else out_w, want_w)
+                           out_w[u0:u1] if want_w else out_w, want_w, *gemm_args)
                 finally:
                     set_local_threads(prev)
                 return
