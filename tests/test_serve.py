@@ -620,6 +620,35 @@ def test_bfloat16_and_compiled_user_tower(env):
         Recommender.load(env["run"], precision="float8")
 
 
+def test_precomputed_item_tower(env):
+    """``precompute_items``: the item tower's output for every item, computed once at load, replaces the tower in
+    each forward: in float32 the same vectors as running it; on by default with bfloat16 (within rounding of
+    float32, off on request); and it is what the forward reads (changing the table changes the vectors)."""
+    from redrec.data.batching import item_features
+    from redrec.serve.recommender import item_hidden_table
+
+    st, ref = env["st"], env["rec"]
+    assert ref.item_hidden is None  # float32 default: off
+    hist = [events_from_store(st, u) for u in range(5)] + [[]]
+    want = ref.user_vectors(hist)
+    pre = Recommender.load(env["run"], precompute_items=True)
+    assert tuple(pre.item_hidden.shape) == (st.n_items, pre.model.cfg.user_tower.hidden_size)
+    ids = np.arange(st.n_items)
+    with torch.no_grad():
+        tower = pre.model.item_hidden(torch.from_numpy(ids), torch.from_numpy(item_features(st, ids)))
+    torch.testing.assert_close(pre.item_hidden, tower, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(pre.user_vectors(hist), want, rtol=0, atol=1e-5)
+    bf16 = Recommender.load(env["run"], precision="bfloat16")
+    assert bf16.item_hidden is not None and bf16.item_hidden.dtype == torch.bfloat16
+    assert torch.equal(bf16.item_hidden, item_hidden_table(bf16.model, st, "bfloat16", chunk=7))  # chunking
+    got = bf16.user_vectors(hist)
+    assert (got * want).sum(-1).min() > 0.995
+    assert Recommender.load(env["run"], precision="bfloat16", precompute_items=False).item_hidden is None
+    assert bf16.reload().item_hidden is not None  # a hot reload keeps the setting
+    bf16.item_hidden.mul_(-1.0)
+    assert np.abs(bf16.user_vectors(hist[:5]) - got[:5]).max() > 1e-2
+
+
 async def _later(coro, delay: float):
     await asyncio.sleep(delay)
     return await coro

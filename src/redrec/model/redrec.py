@@ -268,7 +268,9 @@ class RedRec(nn.Module):
         mask = batch["mask"]
         B, L = mask.shape
         K = self.n_query_tokens
-        item_h = self.item_hidden(batch["item"], batch.get("item_feat"))
+        item_h = batch.get("item_h")  # precomputed by a caller (serving), else the item tower's
+        if item_h is None:
+            item_h = self.item_hidden(batch["item"], batch.get("item_feat"))
         h = self.event_inputs(batch, item_h)
         if self.queries is not None:
             q = self.queries.weight[None].expand(B, K, -1)

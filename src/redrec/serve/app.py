@@ -664,13 +664,13 @@ def serve(
     host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None, device: str = "cpu",
     log_level: str = "info", access_log: bool = False, precision: str = "float32", threads: int | None = None,
     search_threads: int = 0, index_probe: str = "per_vector", index_nprobe: int | None = None, compile: bool = False,
-    index_precision: str = "float32",
+    index_precision: str = "float32", precompute_items: bool | None = None,
 ) -> None:
     """Load everything (errors are raised before the port opens), then run uvicorn until SIGINT / SIGTERM.
 
     ``threads``: torch intra-op threads of the user tower (``None`` = torch's default, the cores);
-    ``precision`` / ``search_threads`` / ``index_probe`` / ``index_nprobe`` / ``compile`` / ``index_precision``: see
-    :meth:`Recommender.load`.
+    ``precision`` / ``search_threads`` / ``index_probe`` / ``index_nprobe`` / ``compile`` / ``index_precision`` /
+    ``precompute_items``: see :meth:`Recommender.load`.
     numpy's BLAS is held to one thread in this process: its worker threads busy-wait after each call, which takes
     a core from the user tower and the index search running next (the small matrices here gain nothing from them).
     """
@@ -694,7 +694,8 @@ def serve(
 
     rec = Recommender.load(checkpoint, store, index=index, item_embeddings=item_embeddings, device=device,
                            precision=precision, search_threads=search_threads, index_probe=index_probe,
-                           index_nprobe=index_nprobe, compile=compile, index_precision=index_precision)
+                           index_nprobe=index_nprobe, compile=compile, index_precision=index_precision,
+                           precompute_items=precompute_items)
     threadpool_limits(1, user_api="blas")  # again: the BLAS libraries loaded meanwhile (numba's np.dot: scipy's)
     per = history_per_scenario or history_cap(rec.mixing)
     try:
