@@ -450,6 +450,33 @@ def test_sqlite_ids_written_by_another_store_object(tmp_path, tiny_store):
     reader.close()
 
 
+def test_prepare_maps_every_stored_id(tmp_path, tiny_store):
+    """``prepare(store)`` reads the whole id tables and maps them to ``store`` before any read (the service calls
+    it at start-up and on reload); a later read needs no new mapping; Redis and closed stores: as documented."""
+    writer = SQLiteHistoryStore(tmp_path / "h.db")
+    items = [str(x) for x in tiny_store.item_ids[:5].tolist()]
+    writer.append("u", [ev(x, t) for t, x in enumerate(items)] + [ev("unknown-item", 9, "ads", ["click"])])
+    st = SQLiteHistoryStore(tmp_path / "h.db")
+    assert len(st.vocab.items) == 0
+    st.prepare(tiny_store)
+    assert sorted(x for x in st.vocab.items.tolist() if x is not None) == sorted(items + ["unknown-item"])
+    item_map, scen_map, act_map = st.vocab.store_maps(tiny_store)
+    assert len(item_map) == len(st.vocab.items)
+    named = [i for i, x in enumerate(st.vocab.items.tolist()) if x is not None]
+    ids_list = [str(x) for x in tiny_store.item_ids.tolist()]
+    want = [ids_list.index(x) if x != "unknown-item" else -1
+            for x in st.vocab.items[named].tolist()]
+    assert item_map[named].tolist() == want
+    assert (scen_map >= 0).sum() == 2 and (act_map >= 0).sum() == 2  # homefeed, ads; (), ("click",)
+    cols = st.get_many_columns(["u"])[0]
+    assert st.vocab.store_maps(tiny_store)[0] is item_map  # nothing new to map
+    assert cols.item == items + ["unknown-item"]
+    st.close()
+    with pytest.raises(HistoryError, match="closed"):
+        st.prepare(tiny_store)
+    writer.close()
+
+
 def test_sqlite_connections_of_finished_threads_are_closed(tmp_path):
     st = SQLiteHistoryStore(tmp_path / "h.db")
     for k in range(5):

@@ -502,6 +502,15 @@ class _Observe:
         await send({"type": "http.response.body", "body": payload})
 
 
+def _prepare_history(history: HistoryStore, store: Any) -> None:
+    """:meth:`HistoryStore.prepare` (e.g. the history's item ids mapped to the model's once, not in the first
+    requests); a failure is logged, not raised: the requests then do the work, or report the store's error."""
+    try:
+        history.prepare(store)
+    except Exception as e:  # noqa: BLE001 - an optimisation: the service works without it
+        log.warning("history store not prepared for the model's store (%s: %s)", type(e).__name__, e)
+
+
 def _recommend_body(ans: Answer) -> dict:
     """The ``POST /v1/recommend`` response of an answer (:class:`RecommendResponse`)."""
     return {"items": ans.items.as_dicts() if ans.items is not None else [], "model_version": ans.model_version,
@@ -520,6 +529,7 @@ def create_app(recommender: Recommender, history: HistoryStore, config: ServeCon
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await svc.batcher.start()
+        await asyncio.to_thread(_prepare_history, history, svc.recommender.store)
         # the loaded model, store and index are millions of long-lived objects: keep them out of the cyclic
         # collector, whose full passes over them took 20-140 ms each (seen as latency spikes under load)
         gc.collect()
@@ -640,6 +650,7 @@ def create_app(recommender: Recommender, history: HistoryStore, config: ServeCon
             try:
                 new = await asyncio.to_thread(old.reload, body.checkpoint, index=body.index,
                                               item_embeddings=body.item_embeddings, exact=body.exact)
+                await asyncio.to_thread(_prepare_history, svc.history, new.store)
             except RedrecError as e:
                 svc.metrics.reloads.inc(result="error")
                 raise ApiError(422, "reload_failed", f"{e}; still serving {old.model_version}") from None

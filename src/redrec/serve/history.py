@@ -377,6 +377,12 @@ class HistoryStore(ABC):
     def n_users(self) -> int:
         """Number of users with at least one stored event."""
 
+    def prepare(self, store: EventStore) -> None:
+        """Make ready whatever converting this store's histories for ``store`` needs, so the first reads do not
+        pay for it (the service calls it at start-up and before swapping in a reloaded model).  Default: nothing
+        (Redis); SQLite: its id tables read and mapped to ``store``'s indices (:class:`HistoryVocab`)."""
+        self._check_open()
+
     def close(self) -> None:
         """Release connections (idempotent).  Call once no other thread uses the store."""
         self._closed = True
@@ -756,6 +762,17 @@ class SQLiteHistoryStore(HistoryStore):
     def n_users(self) -> int:
         with self._read_lock():
             return int(self._conn().execute("SELECT COUNT(*) FROM users").fetchone()[0])
+
+    def prepare(self, store: EventStore) -> None:
+        """Read every row of the id tables now and map them to ``store`` (:meth:`HistoryVocab.store_maps`): one
+        dict lookup per item id, once per store, instead of inside the first requests."""
+        self._check_open()
+        with self._read_lock():
+            conn = self._conn()
+            tops = [conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM {t}").fetchone()[0]
+                    for t in ("items", "scenarios", "action_sets")]
+            self._refresh_vocab(conn, tops[0] + 1, tops[1] + 1, tops[2] + 1)
+        self.vocab.store_maps(store)
 
     def close(self) -> None:
         super().close()
