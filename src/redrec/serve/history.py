@@ -206,19 +206,21 @@ class HistoryVocab:
             weakref.WeakKeyDictionary())
         self._lock = threading.Lock()
 
-    @staticmethod
-    def grown(table: np.ndarray, rows: Sequence[tuple[int, Any]]) -> np.ndarray:
-        """``table`` with ``rows`` ``(id, value)`` set (a new array when one is past its end)."""
+    def add(self, table: str, rows: Sequence[tuple[int, Any]]) -> None:
+        """Set ``rows`` ``(id, value)`` in table ``items``, ``scenarios`` or ``action_sets`` (replaced by a longer
+        array when an id is past its end: readers holding the old one are unaffected)."""
         if not rows:
-            return table
-        size = max(len(table), max(i for i, _ in rows) + 1)
-        out = table
-        if size > len(table):
-            out = np.empty(size, dtype=object)
-            out[: len(table)] = table
-        for i, v in rows:
-            out[i] = v
-        return out
+            return
+        with self._lock:
+            old = getattr(self, table)
+            out = old
+            size = max(len(old), max(i for i, _ in rows) + 1)
+            if size > len(old):
+                out = np.empty(size, dtype=object)
+                out[: len(old)] = old
+            for i, v in rows:
+                out[i] = v
+            setattr(self, table, out)
 
     def store_maps(self, store: EventStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(item, scenario, actions)`` int64 arrays over this vocabulary's ids: the ``store``'s item index and
@@ -239,11 +241,15 @@ class HistoryVocab:
                 sc = np.array([scen_of.get(name, -1) for name in scenarios.tolist()], dtype=np.int64)
             if len(ac) != len(sets):
                 bit_of = {a: 1 << i for i, a in enumerate(store.actions_names)}
-                ac = np.array([-1 if acts is None or any(a not in bit_of for a in acts) else
-                               functools.reduce(operator.or_, (bit_of[a] for a in acts), 0)
+                ac = np.array([-1 if acts is None or any(a not in bit_of for a in acts) else _mask(acts, bit_of)
                                for acts in sets.tolist()], dtype=np.int64)
             self._maps[store] = (it, sc, ac)
             return it, sc, ac
+
+
+def _mask(actions: Sequence[str], bit_of: dict[str, int]) -> int:
+    """Bit mask of the known names in ``actions`` (``bit_of``: a store's action name -> bit)."""
+    return functools.reduce(operator.or_, (bit_of.get(a, 0) for a in actions), 0)
 
 
 def _check_name(value: Any, field: str, index: int | None) -> str:
@@ -555,7 +561,6 @@ class SQLiteHistoryStore(HistoryStore):
         self._conns_lock = threading.Lock()
         self._shared: sqlite3.Connection | None = None
         self.vocab = HistoryVocab()  # the id tables as read so far (this process and others append to them)
-        self._vocab_lock = threading.Lock()
         if not self.memory:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -720,16 +725,14 @@ class SQLiteHistoryStore(HistoryStore):
     def _refresh_vocab(self, conn: sqlite3.Connection, items: int, scenarios: int, action_sets: int) -> HistoryVocab:
         """:attr:`vocab` covering item / scenario / action-set ids below the given bounds (the rows past what
         was read so far -- written since, by any process -- read on the caller's connection)."""
-        v = self.vocab
-        with self._vocab_lock:
-            if items > len(v.items):
-                v.items = v.grown(v.items, conn.execute("SELECT id, name FROM items WHERE id >= ?",
-                                                        (len(v.items),)).fetchall())
-            if scenarios > len(v.scenarios):
-                v.scenarios = v.grown(v.scenarios, conn.execute("SELECT id, name FROM scenarios").fetchall())
-            if action_sets > len(v.action_sets):
-                rows = conn.execute("SELECT id, name FROM action_sets").fetchall()
-                v.action_sets = v.grown(v.action_sets, [(i, _decode_actions(name)) for i, name in rows])
+        v = self.vocab  # two threads may both read the same new rows: setting them twice is harmless
+        if items > len(v.items):
+            v.add("items", conn.execute("SELECT id, name FROM items WHERE id >= ?", (len(v.items),)).fetchall())
+        if scenarios > len(v.scenarios):
+            v.add("scenarios", conn.execute("SELECT id, name FROM scenarios").fetchall())
+        if action_sets > len(v.action_sets):
+            rows = conn.execute("SELECT id, name FROM action_sets").fetchall()
+            v.add("action_sets", [(i, _decode_actions(name)) for i, name in rows])
         return v
 
     def _read_columns(self, users: list[str]) -> list[EventColumns]:
@@ -750,10 +753,10 @@ class SQLiteHistoryStore(HistoryStore):
                     for name, sid, *packed in cur:
                         found[name].append((sid, _Window.decode(*packed).last(n)))
                 pairs = [p for ps in found.values() for p in ps]
-                top = [max((int(w.items.max()) for _, w in pairs if len(w)), default=-1),
-                       max((sid for sid, _ in pairs), default=-1),
-                       max((int(w.actions.max()) for _, w in pairs if len(w)), default=-1)]
-                vocab = self._refresh_vocab(conn, top[0] + 1, top[1] + 1, top[2] + 1)
+                items = np.concatenate([w.items for _, w in pairs] or [np.zeros(0, np.int32)])
+                acts = np.concatenate([w.actions for _, w in pairs] or [np.zeros(0, np.int32)])
+                vocab = self._refresh_vocab(conn, int(items.max(initial=-1)) + 1,
+                                            max((sid for sid, _ in pairs), default=-1) + 1, int(acts.max(initial=-1)) + 1)
             finally:
                 if snapshot and conn.in_transaction:
                     conn.execute("COMMIT")
@@ -1105,9 +1108,9 @@ def columns_to_user_events(
     }
 
     codes = columns.codes if item_index is None else None
-    maps = codes.vocab.store_maps(store) if codes is not None else None
-    if maps is not None and codes is not None:
-        item = maps[0][codes.item]
+    if codes is not None:  # the history store's ids: gathers (item, scenario, action mask; -1 = unknown)
+        it_map, sc_map, ac_map = codes.vocab.store_maps(store)
+        item, scenario, masks = it_map[codes.item], sc_map[codes.scenario], ac_map[codes.actions]
     else:
         lookup = item_index or item_lookup(store)
         item = np.asarray(lookup(columns.item), dtype=np.int64).reshape(n)
@@ -1123,9 +1126,7 @@ def columns_to_user_events(
         report["unknown_items"] = list(dict.fromkeys(bad))[:10]
 
     scen_names = store.scenarios
-    if maps is not None and codes is not None:
-        scenario = maps[1][codes.scenario]
-    else:
+    if codes is None:
         scen_of = {s: i for i, s in enumerate(scen_names)}
         scenario = np.fromiter(map(scen_of.get, columns.scenario, itertools.repeat(-1)), dtype=np.int64, count=n)
     if (scenario < 0).any():
@@ -1143,13 +1144,12 @@ def columns_to_user_events(
     # names the first event with an unknown action)
     known = _action_masks(store)
     try:
-        if maps is not None and codes is not None:
-            masks = maps[2][codes.actions]
-            if (masks < 0).any():  # a set with a name the store does not have: the name path says which
-                raise KeyError
-            actions = masks.astype(np.uint32)
-        else:
+        if codes is None:
             actions = np.fromiter(map(known.__getitem__, columns.actions), dtype=np.uint32, count=n)
+        elif (masks < 0).any():  # a set with a name the store does not have: the name path says which
+            raise KeyError
+        else:
+            actions = masks.astype(np.uint32)
     except KeyError:  # a set not seen before, or one with unknown names
         bit_of = {a: 1 << i for i, a in enumerate(store.actions_names)}
         mask_of: dict[tuple[str, ...], int] = {}
@@ -1163,7 +1163,7 @@ def columns_to_user_events(
                         f"this store has {store.actions_names}", hint="pass unknown_actions='drop' to ignore such names",
                     ) from None
                 bad_in[acts] = unknown
-            mask_of[acts] = functools.reduce(operator.or_, (bit_of.get(a, 0) for a in acts), 0)
+            mask_of[acts] = _mask(acts, bit_of)
         if len(known) < 4096:  # sets of known names only: their count is bounded by the store's actions
             known.update((a, m) for a, m in mask_of.items() if a not in bad_in)
         actions = np.fromiter(map(mask_of.__getitem__, columns.actions), dtype=np.uint32, count=n)
