@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -17,16 +17,24 @@ from redrec.model.config import SHARED_GROUP
 from redrec.model.redrec import RedRec
 
 
+def item_batches(model: RedRec, store: EventStore, batch: int = 65536, device: str | torch.device = "cpu",
+                 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """The item tower's inputs for every item of ``store``, ``batch`` items at a time: ``(first item index, ids
+    [n], features [n, F] or None when the tower needs none)``, on ``device``."""
+    needs = getattr(model.item_tower, "needs_features", False)
+    for a in range(0, store.n_items, batch):
+        ids = np.arange(a, min(a + batch, store.n_items))
+        feats = torch.from_numpy(item_features(store, ids)).to(device) if needs else None
+        yield a, torch.from_numpy(ids).to(device), feats
+
+
 @torch.no_grad()
 def all_item_vectors(model: RedRec, store: EventStore, batch: int = 65536, device: str | torch.device = "cpu") -> np.ndarray:
     """float32 ``[n_items, d]`` unit vectors of every item of the store (chunked)."""
     model.eval()
     out = np.empty((store.n_items, model.cfg.embed_dim), np.float32)
-    needs = getattr(model.item_tower, "needs_features", False)
-    for a in range(0, store.n_items, batch):
-        ids = np.arange(a, min(a + batch, store.n_items))
-        feats = torch.from_numpy(item_features(store, ids)).to(device) if needs else None
-        out[a : a + len(ids)] = model.item_vectors(torch.from_numpy(ids).to(device), feats).float().cpu().numpy()
+    for a, ids, feats in item_batches(model, store, batch, device):
+        out[a : a + len(ids)] = model.item_vectors(ids, feats).float().cpu().numpy()
     return out
 
 

@@ -727,22 +727,16 @@ def item_hidden_table(model: Any, store: EventStore, precision: str = "float32",
     tower's output as the user tower's forward would compute it, ``chunk`` items at a time."""
     import torch
 
-    from redrec.data.batching import item_features
+    from redrec.model.scorer import item_batches
 
     device = next(model.parameters()).device
     dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
-    needs = bool(getattr(model.item_tower, "needs_features", False))
     low = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bfloat16" else nullcontext()
-    out: Any = None
+    out = torch.empty(store.n_items, int(model.hidden_size), dtype=dtype, device=device)
     with torch.no_grad(), low:
-        for a in range(0, store.n_items, chunk):
-            ids = np.arange(a, min(a + chunk, store.n_items), dtype=np.int64)
-            feats = torch.from_numpy(item_features(store, ids)).to(device) if needs else None
-            h = model.item_hidden(torch.from_numpy(ids).to(device), feats).to(dtype)
-            if out is None:
-                out = torch.empty(store.n_items, h.shape[-1], dtype=dtype, device=device)
-            out[a : a + len(ids)] = h
-    return out if out is not None else torch.empty(0, 0, dtype=dtype, device=device)
+        for a, ids, feats in item_batches(model, store, chunk, device):
+            out[a : a + len(ids)] = model.item_hidden(ids, feats)
+    return out
 
 
 def _load_item_embeddings(path: str | Path, store: EventStore, dim: int, model_sha: str) -> np.ndarray:
